@@ -1,0 +1,36 @@
+"""adalora-export: train with AdaLoRA, prune to per-layer ranks, and ship the result."""
+
+from .adapter import CompactAdapter, ModuleAdapter
+from .allocator import Allocation, RankAllocator, shrink_to_rank_pattern
+from .config import AdaLoraConfig
+from .errors import UserError
+from .layer import SVDLinear
+from .model import (
+    adapted_layers,
+    inject_adapters,
+    merge_adapters,
+    orthogonal_regularizer,
+    trainable_parameters,
+    unmerge_adapters,
+    unwrap_adapters,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AdaLoraConfig",
+    "Allocation",
+    "CompactAdapter",
+    "ModuleAdapter",
+    "RankAllocator",
+    "SVDLinear",
+    "UserError",
+    "adapted_layers",
+    "inject_adapters",
+    "merge_adapters",
+    "orthogonal_regularizer",
+    "shrink_to_rank_pattern",
+    "trainable_parameters",
+    "unmerge_adapters",
+    "unwrap_adapters",
+]

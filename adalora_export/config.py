@@ -1,0 +1,95 @@
+"""AdaLoRA configuration: the seed parameters of SPEC §2, their defaults and their validation."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import UserError
+
+TRAIN_TYPES = ("adalora", "lora")
+
+
+@dataclass
+class AdaLoraConfig:
+    """Everything that defines an AdaLoRA run's adapter and schedule.
+
+    Step counts (tinit, tfinal, deltaT, total_step) are optimizer steps, like PEFT.
+    ``target_modules`` is a list of exact module names or name suffixes, or a single regex string
+    matched against the full module path; ``None`` means the architecture family's default.
+    """
+
+    target_r: int = 8
+    init_r: int = 12
+    tinit: int = 0
+    tfinal: int = 0
+    deltaT: int = 1
+    beta1: float = 0.85
+    beta2: float = 0.85
+    orth_reg_weight: float = 0.5
+    lora_alpha: float = 8.0
+    lora_dropout: float = 0.0
+    target_modules: list[str] | str | None = None
+    total_step: int | None = None
+    train_type: str = "adalora"
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Check every parameter that can be checked without knowing the run's length."""
+        if self.train_type not in TRAIN_TYPES:
+            raise UserError(f"unknown train_type {self.train_type!r}: expected 'adalora' (or 'lora' for the baseline)")
+        if not isinstance(self.init_r, int) or self.init_r < 1:
+            raise UserError(f"adalora_init_r must be an integer >= 1, got {self.init_r!r}")
+        if not isinstance(self.target_r, int) or self.target_r < 0:
+            raise UserError(f"adalora_target_r must be an integer >= 0, got {self.target_r!r}")
+        if self.target_r > self.init_r:
+            raise UserError(f"adalora_target_r ({self.target_r}) must not exceed adalora_init_r ({self.init_r})")
+        for name in ("beta1", "beta2"):
+            value = getattr(self, name)
+            if not 0.0 < value < 1.0:
+                raise UserError(f"adalora_{name} must lie strictly between 0 and 1, got {value}")
+        if self.orth_reg_weight < 0:
+            raise UserError(f"adalora_orth_reg_weight must be >= 0, got {self.orth_reg_weight}")
+        if self.tinit < 0 or self.tfinal < 0:
+            raise UserError(f"adalora_tinit and adalora_tfinal must be >= 0, got {self.tinit} and {self.tfinal}")
+        if not isinstance(self.deltaT, int) or self.deltaT < 1:
+            raise UserError(f"adalora_deltaT must be an integer >= 1, got {self.deltaT!r}")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise UserError(f"lora_dropout must lie in [0, 1), got {self.lora_dropout}")
+        if self.total_step is not None:
+            self.check_schedule(self.total_step)
+
+    def check_schedule(self, total_step: int) -> None:
+        """Fail unless the schedule leaves a budget phase: tinit < total_step - tfinal."""
+        if total_step < 1:
+            raise UserError(f"total_step must be >= 1, got {total_step}")
+        if self.train_type == "adalora" and self.tinit >= total_step - self.tfinal:
+            raise UserError(
+                f"no budget phase: adalora_tinit ({self.tinit}) must be below total_step ({total_step}) "
+                f"- adalora_tfinal ({self.tfinal}); lower tinit/tfinal or train longer"
+            )
+
+    @property
+    def scale(self) -> float:
+        """The AdaLoRA scale lora_alpha / (init_r + 1e-5); ranknum stays init_r after pruning."""
+        return self.lora_alpha / (self.init_r + 1e-5)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> AdaLoraConfig:
+        """Build from a dict, ignoring keys we do not know (PEFT's configs carry many)."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        kwargs = {k: v for k, v in data.items() if k in names}
+        if isinstance(kwargs.get("target_modules"), (set, tuple)):
+            kwargs["target_modules"] = sorted(kwargs["target_modules"])
+        return cls(**kwargs)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)

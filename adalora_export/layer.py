@@ -1,0 +1,124 @@
+"""The SVD adapter layer: y = base(x) + dropout(x) @ (A*E)^T @ B^T * scale (SPEC §2).
+
+One class wraps ``nn.Linear`` and transformers' ``Conv1D`` (GPT-2 style, weight stored in x out).
+Every layer has its own rank r (0..init_r); ``scale`` = lora_alpha / (init_r + 1e-5) is fixed for
+the life of the adapter, pruning included, exactly as PEFT does.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+
+def is_adaptable(module: nn.Module) -> bool:
+    """True for the module types an SVD adapter can wrap."""
+    return isinstance(module, (nn.Linear, Conv1D))
+
+
+class SVDLinear(nn.Module):
+    """A frozen linear (or Conv1D) layer plus a trainable SVD-form update B diag(E) A."""
+
+    def __init__(self, base_layer: nn.Module, rank: int, lora_alpha: float, init_r: int, lora_dropout: float = 0.0):
+        super().__init__()
+        if not is_adaptable(base_layer):
+            raise TypeError(f"cannot adapt {type(base_layer).__name__}: only nn.Linear and Conv1D are supported")
+        self.base_layer = base_layer
+        self.fan_in_fan_out = isinstance(base_layer, Conv1D)
+        if self.fan_in_fan_out:
+            self.in_features, self.out_features = base_layer.weight.shape
+        else:
+            self.out_features, self.in_features = base_layer.weight.shape
+        base_layer.weight.requires_grad_(False)
+        if getattr(base_layer, "bias", None) is not None:
+            base_layer.bias.requires_grad_(False)
+        self.init_r = init_r
+        self.lora_alpha = lora_alpha
+        self.scale = lora_alpha / (init_r + 1e-5)
+        device = base_layer.weight.device
+        # A, B ~ N(0, 0.02) and E = 0: the adapted model starts equal to the base (PEFT's init).
+        self.lora_A = nn.Parameter(torch.empty(rank, self.in_features, device=device))
+        self.lora_E = nn.Parameter(torch.zeros(rank, 1, device=device))
+        self.lora_B = nn.Parameter(torch.empty(self.out_features, rank, device=device))
+        nn.init.normal_(self.lora_A, mean=0.0, std=0.02)
+        nn.init.normal_(self.lora_B, mean=0.0, std=0.02)
+        self.lora_dropout = nn.Dropout(lora_dropout) if lora_dropout > 0 else nn.Identity()
+        self.merged = False
+
+    @property
+    def rank(self) -> int:
+        return self.lora_E.shape[0]
+
+    @property
+    def weight(self) -> torch.Tensor:
+        # transformers reads .weight of some projections (dtype checks, tied embeddings).
+        return self.base_layer.weight
+
+    def delta_weight(self) -> torch.Tensor:
+        """The update in the base weight's own layout (out x in, or in x out for Conv1D), fp32."""
+        delta = (self.lora_B @ (self.lora_A * self.lora_E)) * self.scale
+        return delta.T if self.fan_in_fan_out else delta
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        result = self.base_layer(x)
+        if self.merged or self.rank == 0:
+            return result
+        h = self.lora_dropout(x.to(self.lora_A.dtype))
+        update = (h @ (self.lora_A * self.lora_E).T) @ self.lora_B.T
+        return result + (update * self.scale).to(result.dtype)
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """Add the update into the base weight; forward then skips the branch."""
+        if not self.merged:
+            weight = self.base_layer.weight
+            weight.copy_((weight.float() + self.delta_weight()).to(weight.dtype))
+            self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Subtract the update again (exact up to float rounding in the base dtype)."""
+        if self.merged:
+            weight = self.base_layer.weight
+            weight.copy_((weight.float() - self.delta_weight()).to(weight.dtype))
+            self.merged = False
+
+    @torch.no_grad()
+    def prune(self, keep: torch.Tensor, optimizer: torch.optim.Optimizer | None = None) -> None:
+        """Physically drop the triplets where ``keep`` is False, slicing any optimizer state too.
+
+        A, E and B become new, smaller Parameters (resizing ``.data`` in place would leave autograd
+        nodes of a still-referenced graph with stale shapes); the optimizer's param groups are
+        pointed at them and its per-element state (Adam moments, SGD momentum) is sliced alike.
+        """
+        keep = keep.to(device=self.lora_E.device, dtype=torch.bool).view(-1)
+        if keep.numel() != self.rank:
+            raise ValueError(f"keep mask has {keep.numel()} entries for a layer of rank {self.rank}")
+        index = keep.nonzero().view(-1)
+        for name, dim in (("lora_A", 0), ("lora_E", 0), ("lora_B", 1)):
+            old = getattr(self, name)
+            new = nn.Parameter(old.detach().index_select(dim, index).contiguous(), requires_grad=old.requires_grad)
+            if old.grad is not None:
+                new.grad = old.grad.index_select(dim, index).contiguous()
+            setattr(self, name, new)
+            if optimizer is not None:
+                _replace_in_optimizer(optimizer, old, new, dim, index)
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, rank={self.rank}, init_r={self.init_r}"
+
+
+def _replace_in_optimizer(
+    optimizer: torch.optim.Optimizer, old: nn.Parameter, new: nn.Parameter, dim: int, index: torch.Tensor
+) -> None:
+    """Point the optimizer at ``new`` instead of ``old`` and slice old's per-element state along ``dim``."""
+    for group in optimizer.param_groups:
+        group["params"] = [new if p is old else p for p in group["params"]]
+    state = optimizer.state.pop(old, None)
+    if state is None:
+        return
+    for key, value in state.items():
+        if torch.is_tensor(value) and value.shape == old.shape:
+            state[key] = value.index_select(dim, index).contiguous()
+    optimizer.state[new] = state

@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# One command for everything: sets up .venv (idempotent), then runs the job.
+#   ./run.sh demo   -> the whole path on a built-in default model
+#   ./run.sh test   -> lint, format check and the test suite
+#   ./run.sh setup  -> set up only
+set -euo pipefail
+cd "$(dirname "$0")"
+
+setup() {
+  [ -x .venv/bin/python ] || python3 -m venv .venv
+  local stamp=".venv/.installed-$(cat pyproject.toml | sha1sum | cut -c1-12)"
+  if [ ! -f "$stamp" ]; then
+    .venv/bin/python -m pip install -q --upgrade pip
+    # torch's CPU build first: a bare "torch" requirement on a fresh venv can pull a multi-GB CUDA build.
+    .venv/bin/python -m pip install -q "torch==2.13.0"
+    .venv/bin/python -m pip install -q -e ".[test]"
+    touch "$stamp"
+  fi
+}
+
+setup
+export PATH="$PWD/.venv/bin:$PATH"
+case "${1:-demo}" in
+  setup) ;;
+  demo) shift || true; adalora-export demo "$@" ;;
+  test)
+    shift || true
+    ruff check .
+    ruff format --check .
+    pytest -q -n 2 --dist loadfile "$@"
+    ;;
+  *) echo "usage: ./run.sh [demo|test|setup]" >&2; exit 2 ;;
+esac
