@@ -13,7 +13,7 @@ from torch import nn
 
 from .config import AdaLoraConfig
 from .layer import SVDLinear
-from .model import adapted_layers
+from .model import adapted_layers, strip_wrapper_prefix
 
 
 @dataclass
@@ -54,6 +54,9 @@ class CompactAdapter:
     modules: dict[str, ModuleAdapter] = field(default_factory=dict)
     base_model_name_or_path: str | None = None
     task_type: str | None = None
+    # Fully trained non-adapter weights (a fresh classification head, say), by parameter name in
+    # the base model; converters put them in place of the base's. PEFT calls these modules_to_save.
+    extra_weights: dict[str, torch.Tensor] = field(default_factory=dict)
 
     @property
     def scale(self) -> float:
@@ -96,7 +99,12 @@ class CompactAdapter:
                 b.float().cpu().contiguous(),
                 fan_in_fan_out=layer.fan_in_fan_out,
             )
-        return cls(config=config, modules=modules, **meta)
+        extra = {
+            strip_wrapper_prefix(name): p.detach().cpu().clone()
+            for name, p in model.named_parameters()
+            if p.requires_grad and name.rpartition(".")[2] not in ("lora_A", "lora_E", "lora_B")
+        }
+        return cls(config=config, modules=modules, extra_weights=extra, **meta)
 
     @torch.no_grad()
     def apply_to(self, model: nn.Module) -> nn.Module:
@@ -118,4 +126,9 @@ class CompactAdapter:
             layer.lora_B.copy_(module.B.to(device))
             layer.requires_grad_(False)
             setattr(parent, child, layer)
+        params = dict(model.named_parameters())
+        for name, value in self.extra_weights.items():
+            if name not in params or params[name].shape != value.shape:
+                raise ValueError(f"adapter weight {name} {tuple(value.shape)} does not fit the base model")
+            params[name].data.copy_(value.to(params[name].device, params[name].dtype))
         return model

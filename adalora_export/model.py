@@ -83,10 +83,10 @@ def adapted_layers(model: nn.Module) -> Iterator[tuple[str, SVDLinear]]:
     """(module path, layer) for every SVD adapter in the model, in model order."""
     for path, module in model.named_modules():
         if isinstance(module, SVDLinear):
-            yield _strip_wrappers(path), module
+            yield strip_wrapper_prefix(path), module
 
 
-def _strip_wrappers(path: str) -> str:
+def strip_wrapper_prefix(path: str) -> str:
     # DDP and torch.compile wrap the model; report paths relative to the transformers model.
     for prefix in ("module.", "_orig_mod."):
         while path.startswith(prefix):
