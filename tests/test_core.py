@@ -1,0 +1,295 @@
+"""The AdaLoRA core: layer, surgery, regularizer, allocator, and where PEFT goes wrong and we do not."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from models import LLAMA_TARGETS, tiny_gpt2, tiny_llama
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from adalora_export import (
+    AdaLoraConfig,
+    CompactAdapter,
+    RankAllocator,
+    SVDLinear,
+    UserError,
+    adapted_layers,
+    inject_adapters,
+    orthogonal_regularizer,
+    trainable_parameters,
+)
+
+peft = pytest.importorskip("peft")
+
+
+def train(model, config, total, steps=None, seed=3, lr=2e-2, on_step=None):
+    """A minimal loop with the step contract of SPEC §2; returns (allocator, optimizer, losses)."""
+    allocator = RankAllocator(model, config, total_step=total)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    g = torch.Generator().manual_seed(seed)
+    losses = []
+    for step in range(1, (steps or total) + 1):
+        ids = torch.randint(0, 128, (4, 12), generator=g)
+        loss = model(input_ids=ids, labels=ids).loss + config.orth_reg_weight * orthogonal_regularizer(model)
+        loss.backward()
+        optimizer.step()
+        result = allocator.update_and_allocate(step, optimizer)
+        if on_step:
+            on_step(step, result, allocator, optimizer)
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    return allocator, optimizer, losses
+
+
+def randomize_E(model, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, layer in adapted_layers(model):
+            layer.lora_E.copy_(torch.randn(layer.lora_E.shape, generator=g))
+
+
+# ---------------------------------------------------------------- layer and surgery
+@pytest.mark.parametrize("conv1d", [False, True])
+def test_forward_matches_dense_delta_and_merge_unmerge_round_trip(conv1d):
+    torch.manual_seed(0)
+    base = Conv1D(24, 16) if conv1d else nn.Linear(16, 24)
+    original = base.weight.detach().clone()
+    layer = SVDLinear(base, rank=5, lora_alpha=8, init_r=5)
+    with torch.no_grad():
+        layer.lora_E.normal_()
+    x = torch.randn(3, 7, 16)
+    delta = layer.delta_weight()
+    assert delta.shape == base.weight.shape
+    dense = original + delta
+    expected = x @ dense + base.bias if conv1d else x @ dense.T + base.bias
+    out = layer(x)
+    assert torch.allclose(out, expected, atol=1e-6)
+    layer.merge()
+    assert torch.allclose(layer(x), out, atol=1e-6)
+    layer.unmerge()
+    assert torch.allclose(base.weight, original, atol=1e-6)
+    assert torch.allclose(layer(x), out, atol=1e-6)
+
+
+def test_zero_init_keeps_base_output_and_only_adapters_train():
+    model = tiny_llama()
+    ids = torch.randint(0, 128, (2, 10))
+    with torch.no_grad():
+        before = model(input_ids=ids).logits
+    paths = inject_adapters(model, AdaLoraConfig(target_modules=LLAMA_TARGETS))
+    with torch.no_grad():
+        after = model(input_ids=ids).logits
+    assert torch.equal(before, after)
+    trainable, total = trainable_parameters(model)
+    expected = sum(12 * (layer.in_features + layer.out_features + 1) for _, layer in adapted_layers(model))
+    assert trainable == expected and total > trainable and len(paths) == 14
+
+
+@pytest.mark.parametrize(
+    "targets, count",
+    [(["q_proj"], 2), (["self_attn.q_proj", "mlp.up_proj"], 4), (r"model\.layers\.1\..*_proj", 7), (None, 14)],
+)
+def test_target_selection_by_name_suffix_and_regex(targets, count):
+    model = tiny_llama()
+    assert len(inject_adapters(model, AdaLoraConfig(target_modules=targets))) == count
+
+
+def test_gpt2_conv1d_path_trains_and_prunes():
+    model = tiny_gpt2()
+    config = AdaLoraConfig(init_r=4, target_r=2, tinit=1, deltaT=1)
+    inject_adapters(model, config)
+    assert all(layer.fan_in_fan_out for _, layer in adapted_layers(model))
+    allocator, _, losses = train(model, config, total=8)
+    assert sum(layer.rank for _, layer in adapted_layers(model)) == allocator.target_budget
+    assert losses[-1] < losses[0]
+
+
+# ---------------------------------------------------------------- validation
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"target_r": 13, "init_r": 12}, "must not exceed"),
+        ({"init_r": 0, "target_r": 0}, "init_r must be an integer >= 1"),
+        ({"beta1": 1.0}, "beta1"),
+        ({"beta2": 0.0}, "beta2"),
+        ({"orth_reg_weight": -0.1}, "orth_reg_weight"),
+        ({"train_type": "ia3"}, "unknown train_type"),
+        ({"tinit": 5, "tfinal": 5, "total_step": 10}, "no budget phase"),
+        ({"deltaT": 0}, "deltaT"),
+    ],
+)
+def test_every_validation_error_is_a_clear_user_error(kwargs, message):
+    with pytest.raises(UserError, match=message):
+        AdaLoraConfig(**kwargs)
+
+
+def test_no_matching_target_is_a_user_error():
+    with pytest.raises(UserError, match="match no"):
+        inject_adapters(tiny_llama(), AdaLoraConfig(target_modules=["nothing_like_this"]))
+
+
+def test_schedule_checked_against_total_step_before_training():
+    model = tiny_llama()
+    config = AdaLoraConfig(tinit=10, tfinal=10, target_modules=["q_proj"])
+    inject_adapters(model, config)
+    with pytest.raises(UserError, match="no budget phase"):
+        RankAllocator(model, config, total_step=20)
+
+
+# ---------------------------------------------------------------- allocator
+def test_cubic_schedule_endpoints_and_monotone():
+    model = tiny_llama()
+    config = AdaLoraConfig(init_r=6, target_r=2, tinit=5, tfinal=10, deltaT=3, target_modules=["q_proj", "v_proj"])
+    inject_adapters(model, config)
+    allocator = RankAllocator(model, config, total_step=50)
+    budgets = [allocator.budget_schedule(t)[0] for t in range(1, 51)]
+    assert budgets[:5] == [24] * 5 and budgets[-10:] == [8] * 10
+    assert all(a >= b for a, b in zip(budgets, budgets[1:]))
+    assert [allocator.budget_schedule(t)[1] for t in (5, 6, 7, 9, 41)] == [False, True, False, True, True]
+    assert allocator.budget_schedule(40)[0] == 8  # the final step reaches the target budget exactly
+
+
+def test_masks_exactly_b0_minus_budget_with_deterministic_ties():
+    model = tiny_llama()
+    config = AdaLoraConfig(init_r=4, target_r=2, target_modules=["q_proj", "k_proj"])
+    inject_adapters(model, config)
+    allocator = RankAllocator(model, config, total_step=10)
+    # All scores tie (zero EMAs): exactly 16 - 11 triplets masked, the earliest in model order.
+    masks = allocator.mask_to_budget(11)
+    flat = torch.cat([m for m in masks.values()])
+    assert int((~flat).sum()) == 5
+    assert flat[:5].tolist() == [False] * 5 and flat[5:].all()
+
+
+def test_init_r_equal_target_r_trains_without_error_where_peft_fails():
+    config = AdaLoraConfig(init_r=4, target_r=4, target_modules=LLAMA_TARGETS)
+    model = tiny_llama()
+    inject_adapters(model, config)
+    allocator, _, _ = train(model, config, total=6)
+    assert allocator.kept() == allocator.init_budget == allocator.target_budget
+    # PEFT's kthvalue(k=0) raises on the same schedule.
+    theirs = peft.get_peft_model(
+        tiny_llama(),
+        peft.AdaLoraConfig(init_r=4, target_r=4, total_step=6, target_modules=LLAMA_TARGETS, task_type="CAUSAL_LM"),
+    )
+    ids = torch.randint(0, 128, (2, 8))
+    theirs(input_ids=ids, labels=ids).loss.backward()
+    with pytest.raises(RuntimeError):
+        theirs.base_model.update_and_allocate(1)
+
+
+def test_orthogonal_term_applied_for_a_bare_model_where_peft_skips_it():
+    """A model without a task head returns no loss; PEFT then never adds the orthogonal term."""
+    config = AdaLoraConfig(init_r=4, target_r=2, target_modules=["q_proj"])
+    ours = tiny_llama(causal_lm=False)
+    inject_adapters(ours, config)
+    ids = torch.randint(0, 128, (2, 8))
+    loss = ours(input_ids=ids).last_hidden_state.pow(2).mean() + config.orth_reg_weight * orthogonal_regularizer(ours)
+    loss.backward()
+    # E = 0 at init, so the task loss gives A no gradient: only the orthogonal term can.
+    assert all(layer.lora_A.grad.abs().sum() > 0 for _, layer in adapted_layers(ours))
+    theirs = peft.get_peft_model(
+        tiny_llama(causal_lm=False), peft.AdaLoraConfig(init_r=4, target_r=2, total_step=10, target_modules=["q_proj"])
+    )
+    theirs(input_ids=ids).last_hidden_state.pow(2).mean().backward()
+    grads = [p.grad for n, p in theirs.named_parameters() if "lora_A" in n]
+    assert all(g is None or g.abs().sum() == 0 for g in grads)
+    reg = orthogonal_regularizer(ours)
+    by_hand = []
+    for _, layer in adapted_layers(ours):
+        eye = torch.eye(layer.rank)
+        by_hand += [torch.norm(layer.lora_A @ layer.lora_A.T - eye), torch.norm(layer.lora_B.T @ layer.lora_B - eye)]
+    assert torch.allclose(reg, torch.stack(by_hand).mean())
+
+
+def test_with_tfinal_zero_the_final_adapter_is_the_trained_model():
+    config = AdaLoraConfig(init_r=4, target_r=2, tinit=2, tfinal=0, target_modules=LLAMA_TARGETS)
+    model = tiny_llama()
+    inject_adapters(model, config)
+    allocator, _, _ = train(model, config, total=10)
+    assert allocator.rank_pattern is not None  # fixed at the last step, not left at the last mask
+    adapter = CompactAdapter.from_model(model, config)
+    assert sum(adapter.rank_pattern.values()) == allocator.target_budget
+    fresh = adapter.apply_to(tiny_llama())
+    ids = torch.randint(0, 128, (2, 10))
+    with torch.no_grad():
+        assert torch.allclose(fresh(input_ids=ids).logits, model(input_ids=ids).logits, atol=1e-6)
+
+
+def test_physical_shrink_keeps_outputs_and_training_continues_with_sliced_state():
+    config = AdaLoraConfig(init_r=6, target_r=3, tinit=2, tfinal=4, target_modules=LLAMA_TARGETS)
+    model = tiny_llama()
+    inject_adapters(model, config)
+    ids = torch.randint(0, 128, (2, 10))
+    seen = {}
+
+    def on_step(step, result, allocator, optimizer):
+        if step == allocator.final_step - 1:
+            seen["before"] = copy.deepcopy(model)
+            seen["moments"] = {n: optimizer.state[l.lora_A]["exp_avg"].clone() for n, l in adapted_layers(model)}
+        if step == allocator.final_step:
+            masked = seen["before"]
+            for name, layer in adapted_layers(masked):  # PEFT's way: zero E of the dropped triplets
+                keep = torch.tensor(allocator.rank_pattern[name])
+                with torch.no_grad():
+                    layer.lora_E[~keep] = 0
+                    # the surviving weights moved one more optimizer step since the copy; take them over
+                    ours = model.get_submodule(name)
+                    layer.lora_A[keep] = ours.lora_A
+                    layer.lora_E[keep] = ours.lora_E
+                    layer.lora_B[:, keep] = ours.lora_B
+            with torch.no_grad():
+                diff = (masked(input_ids=ids).logits - model(input_ids=ids).logits).abs().max().item()
+            seen["diff"] = diff
+            for _, layer in adapted_layers(model):
+                state = optimizer.state[layer.lora_A]
+                assert state["exp_avg"].shape == layer.lora_A.shape
+                assert any(p is layer.lora_A for p in optimizer.param_groups[0]["params"])
+            seen["ranks"] = {n: l.rank for n, l in adapted_layers(model)}
+
+    allocator, optimizer, losses = train(model, config, total=20, on_step=on_step)
+    assert seen["diff"] <= 1e-6
+    assert sum(seen["ranks"].values()) == allocator.target_budget
+    assert {n: l.rank for n, l in adapted_layers(model)} == seen["ranks"]  # frozen after the shrink
+    assert losses[-1] < losses[allocator.final_step - 1]  # training went on after the shrink
+
+
+def test_shrink_slices_optimizer_moments_exactly():
+    layer = SVDLinear(nn.Linear(8, 6), rank=4, lora_alpha=8, init_r=4)
+    for opt_cls, key in ((torch.optim.AdamW, "exp_avg_sq"), (torch.optim.SGD, "momentum_buffer")):
+        kwargs = {"momentum": 0.9} if opt_cls is torch.optim.SGD else {}
+        layer = SVDLinear(nn.Linear(8, 6), rank=4, lora_alpha=8, init_r=4)
+        opt = opt_cls([layer.lora_A, layer.lora_E, layer.lora_B], lr=0.1, **kwargs)
+        layer(torch.randn(5, 8)).pow(2).sum().backward()
+        opt.step()
+        before = opt.state[layer.lora_B][key].clone()
+        layer.prune(torch.tensor([True, False, True, False]), opt)
+        assert torch.equal(opt.state[layer.lora_B][key], before[:, [0, 2]])
+        layer(torch.randn(5, 8)).pow(2).sum().backward()
+        opt.step()  # the sliced state is used as is
+
+
+def test_allocator_state_dict_round_trip_resumes_identically():
+    config = AdaLoraConfig(init_r=4, target_r=2, tinit=1, tfinal=2, deltaT=1, target_modules=["q_proj", "v_proj"])
+    a, b = tiny_llama(), tiny_llama()
+    inject_adapters(a, config)
+    inject_adapters(b, config)
+    b.load_state_dict(a.state_dict())
+    alloc_a = RankAllocator(a, config, 10)
+    alloc_b = RankAllocator(b, config, 10)
+    randomize_E(a)
+    randomize_E(b)
+    for model, alloc in ((a, alloc_a), (b, alloc_b)):
+        for _, layer in adapted_layers(model):
+            for p in (layer.lora_A, layer.lora_E, layer.lora_B):
+                p.grad = torch.ones_like(p)
+        alloc.update_importance()
+    state = alloc_a.state_dict()
+    alloc_c = RankAllocator(b, config, 10)
+    alloc_c.load_state_dict(state)
+    assert all(torch.equal(x, y) for x, y in zip(alloc_c.exp_avg_ipt, alloc_a.exp_avg_ipt))
+    assert alloc_c.mask_to_budget(5).keys() == alloc_a.mask_to_budget(5).keys()
+    assert alloc_c.current_mask == alloc_a.current_mask
