@@ -42,6 +42,14 @@ class RankAllocator:
         self.current_mask: dict[str, list[bool]] | None = None  # the mask in force (None: all kept)
         self.reset_importance()
 
+    @property
+    def orth_reg_weight(self) -> float:
+        """The orthogonal term's weight now: the paper's throughout, unless an option changes the final phase."""
+        final = self.config.final_orth_reg_weight
+        if final is not None and self.rank_pattern is not None:
+            return final
+        return self.config.orth_reg_weight
+
     # ----------------------------------------------------------------- schedule
     @property
     def final_step(self) -> int:

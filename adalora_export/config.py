@@ -34,6 +34,8 @@ class AdaLoraConfig:
     target_modules: list[str] | str | None = None
     total_step: int | None = None
     train_type: str = "adalora"
+    # Options beyond the paper (None = the paper's behaviour); each is measured in BENCHMARKS.md.
+    final_orth_reg_weight: float | None = None  # orthogonal weight once the rank pattern is frozen
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -55,6 +57,8 @@ class AdaLoraConfig:
                 raise UserError(f"adalora_{name} must lie strictly between 0 and 1, got {value}")
         if self.orth_reg_weight < 0:
             raise UserError(f"adalora_orth_reg_weight must be >= 0, got {self.orth_reg_weight}")
+        if self.final_orth_reg_weight is not None and self.final_orth_reg_weight < 0:
+            raise UserError(f"adalora_final_orth_reg_weight must be >= 0, got {self.final_orth_reg_weight}")
         if self.tinit < 0 or self.tfinal < 0:
             raise UserError(f"adalora_tinit and adalora_tfinal must be >= 0, got {self.tinit} and {self.tfinal}")
         if not isinstance(self.deltaT, int) or self.deltaT < 1:

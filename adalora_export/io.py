@@ -43,6 +43,7 @@ def atomic_output_dir(path: str | os.PathLike, overwrite: bool = False) -> Itera
     """
     path = check_output_path(path, overwrite)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.absolute().parent))
+    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it 0700; the output gets the usual permissions
     try:
         yield tmp
         _fsync_tree(tmp)
@@ -65,6 +66,7 @@ def atomic_output_file(path: str | os.PathLike, overwrite: bool = False) -> Iter
     fd, name = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.absolute().parent)
     os.close(fd)
     tmp = Path(name)
+    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it 0600
     try:
         yield tmp
         with open(tmp, "rb+") as fh:
@@ -73,6 +75,12 @@ def atomic_output_file(path: str | os.PathLike, overwrite: bool = False) -> Iter
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def _umask() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
 
 
 def _fsync_tree(root: Path) -> None:

@@ -79,6 +79,7 @@ def save_adapter_state(
             "config": config.to_dict(),
             "step": step,
             "layers": layers,
+            "order": list(layers),  # model order; JSON objects are written with sorted keys
             "extra": sorted(adapter.extra_weights),
             "current_mask": alloc.get("current_mask"),
             "rank_pattern": alloc.get("rank_pattern"),
@@ -97,7 +98,7 @@ def load_adapter_state(directory: str | os.PathLike) -> AdapterState:
             config=config,
             step=int(info["step"]),
             tensors=load_tensors(directory / ADAPTER_STATE),
-            layers=dict(info["layers"]),
+            layers={path: info["layers"][path] for path in info.get("order") or info["layers"]},
             extra=list(info.get("extra", [])),
             current_mask=info.get("current_mask"),
             rank_pattern=info.get("rank_pattern"),

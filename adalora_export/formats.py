@@ -1,0 +1,387 @@
+"""Compact adapter directories (SPEC §3): written as PEFT AdaLoRA directories, read from every source we meet.
+
+A compact adapter directory holds
+- ``adapter_config.json``: a PEFT AdaLoraConfig whose ``rank_pattern`` maps ``<path>.lora_E`` to init_r
+  booleans with exactly r True entries. PEFT builds every layer at init_r at load and then slices it with
+  that list, so the layer ends at rank r; which entries are True does not matter (we write the first r).
+- ``adapter_model.safetensors``: ``base_model.model.<path>.lora_A`` (r x in), ``.lora_E`` (r x 1),
+  ``.lora_B`` (out x r), rank 0 as empty tensors, plus fully trained extra weights (PEFT's
+  ``modules_to_save``) as ``base_model.model.<parameter name>``.
+- ``adalora_manifest.json``: ours, beside it: the full config, ranks, budget, parameters, importance.
+
+``load_adapter`` reads these, AdaLoRA directories PEFT saved (sliced with a rank_pattern, or unsliced at
+init_r with zeros in E), our training state directories, and training runs (their final state, else the
+latest checkpoint).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+
+from .adapter import CompactAdapter, ModuleAdapter
+from .config import AdaLoraConfig
+from .errors import UserError
+from .hf import CAUSAL_LM, ENCODER, SEQ_CLS
+from .io import atomic_output_dir, check_output_path, load_tensors, read_json, write_json
+from .model import matches_target
+from .state import PARTS, compact_from_state, is_state_dir, load_adapter_state
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+ADAPTER_WEIGHTS_PICKLE = "adapter_model.bin"
+MANIFEST = "adalora_manifest.json"
+MANIFEST_FORMAT = "adalora-export-adapter/1"
+PREFIX = "base_model.model."  # PEFT's key prefix: PeftModel -> LoraModel -> the transformers model
+FINAL_STATE = "final"
+_CHECKPOINT = re.compile(r"checkpoint-(\d+)")
+
+# Our task names (hf.py) and PEFT's TaskType values.
+PEFT_TASK_TYPES = {CAUSAL_LM: "CAUSAL_LM", SEQ_CLS: "SEQ_CLS", ENCODER: "FEATURE_EXTRACTION"}
+
+
+def peft_task_type(task_type: str | None) -> str | None:
+    """PEFT's name for a task (ours or already PEFT's)."""
+    return PEFT_TASK_TYPES.get(task_type, task_type) if task_type else None
+
+
+def our_task_type(peft_name: str | None) -> str | None:
+    """Our name for a PEFT task type; types we have no name for are kept as PEFT spells them."""
+    ours = {v: k for k, v in PEFT_TASK_TYPES.items()}
+    return ours.get(peft_name, peft_name) if peft_name else None
+
+
+# --------------------------------------------------------------------------------------------- writing
+def adapter_summary(adapter: CompactAdapter) -> dict[str, Any]:
+    """Ranks, parameters and budget of an adapter: the manifest's body and ``inspect --json``.
+
+    ``share`` is a module's rank over the final budget (target_r x matrices); a finished adapter's
+    shares sum to 1, a checkpoint taken during the budget phase is still above it.
+    """
+    cfg = adapter.config
+    n = len(adapter.modules)
+    budget = cfg.target_r * n
+    modules = []
+    for path, m in adapter.modules.items():
+        entry = {
+            "module": path,
+            "rank": m.rank,
+            "in_features": m.in_features,
+            "out_features": m.out_features,
+            "fan_in_fan_out": m.fan_in_fan_out,
+            "parameters": m.num_parameters(),
+            "share": m.rank / budget if budget else None,
+        }
+        if m.importance is not None:
+            entry["importance"] = [float(x) for x in m.importance.view(-1)]
+        modules.append(entry)
+    return {
+        "init_r": cfg.init_r,
+        "target_r": cfg.target_r,
+        "matrices": n,
+        "budget": budget,
+        "initial_budget": cfg.init_r * n,
+        "total_rank": sum(m.rank for m in adapter.modules.values()),
+        "total_parameters": adapter.num_parameters(),
+        "initial_parameters": sum(cfg.init_r * (m.in_features + m.out_features + 1) for m in adapter.modules.values()),
+        "rank_zero_modules": sum(1 for m in adapter.modules.values() if m.rank == 0),
+        "extra_weights": {name: list(t.shape) for name, t in adapter.extra_weights.items()},
+        "modules": modules,
+    }
+
+
+def peft_common_config(adapter: CompactAdapter, target_modules: list[str] | str) -> dict[str, Any]:
+    """The adapter_config.json fields that PEFT's LoRA and AdaLoRA configs share."""
+    return {
+        "base_model_name_or_path": adapter.base_model_name_or_path,
+        "task_type": peft_task_type(adapter.task_type),
+        "target_modules": target_modules,
+        "lora_alpha": adapter.config.lora_alpha,
+        "lora_dropout": adapter.config.lora_dropout,
+        # PEFT keeps one flag; it corrects it per layer type at load, and uses it when merging.
+        "fan_in_fan_out": any(m.fan_in_fan_out for m in adapter.modules.values()),
+        "modules_to_save": modules_to_save(adapter),
+        "bias": "none",
+        "inference_mode": True,
+    }
+
+
+def modules_to_save(adapter: CompactAdapter) -> list[str] | None:
+    """The modules whose extra weights the adapter carries, as PEFT's ``modules_to_save``."""
+    names = sorted({name.rpartition(".")[0] for name in adapter.extra_weights})
+    return names or None
+
+
+def extra_weight_tensors(adapter: CompactAdapter) -> dict[str, torch.Tensor]:
+    """Extra weights under PEFT's keys (``base_model.model.<parameter name>``)."""
+    return {PREFIX + name: t.detach().cpu().contiguous() for name, t in adapter.extra_weights.items()}
+
+
+def write_peft_dir(
+    out_dir: str | os.PathLike,
+    config: dict[str, Any],
+    tensors: dict[str, torch.Tensor],
+    overwrite: bool = False,
+    extra_json: dict[str, Any] | None = None,
+) -> Path:
+    """Write a PEFT adapter directory (config, safetensors, optional JSON files beside) atomically."""
+    with atomic_output_dir(out_dir, overwrite=overwrite) as tmp:
+        save_file(tensors, str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+        write_json(tmp / ADAPTER_CONFIG, config)
+        for name, data in (extra_json or {}).items():
+            write_json(tmp / name, data)
+    return Path(out_dir)
+
+
+def save_adapter(adapter: CompactAdapter, out_dir: str | os.PathLike, overwrite: bool = False) -> Path:
+    """Write ``adapter`` as a PEFT AdaLoRA directory with each module at its own rank, plus our manifest."""
+    check_output_path(out_dir, overwrite)
+    cfg = adapter.config
+    tensors = {}
+    for path, m in adapter.modules.items():
+        a, e, b = (t.detach().cpu().contiguous() for t in (m.A, m.E, m.B))
+        _check_module(path, a, e, b, cfg.init_r, "adapter")
+        tensors.update({f"{PREFIX}{path}.lora_A": a, f"{PREFIX}{path}.lora_E": e, f"{PREFIX}{path}.lora_B": b})
+    tensors.update(extra_weight_tensors(adapter))
+    config = peft_common_config(adapter, _peft_target_modules(adapter))
+    config.update(
+        peft_type="ADALORA",
+        init_r=cfg.init_r,
+        target_r=cfg.target_r,
+        tinit=cfg.tinit,
+        tfinal=cfg.tfinal,
+        deltaT=cfg.deltaT,
+        beta1=cfg.beta1,
+        beta2=cfg.beta2,
+        orth_reg_weight=cfg.orth_reg_weight,
+        # PEFT refuses a config without a budget phase; an adapter built outside a run may not know its length.
+        total_step=cfg.total_step if cfg.total_step is not None else cfg.tinit + cfg.tfinal + 1,
+        rank_pattern={
+            f"{path}.lora_E": [True] * m.rank + [False] * (cfg.init_r - m.rank) for path, m in adapter.modules.items()
+        },
+    )
+    manifest = {"format": MANIFEST_FORMAT, "config": cfg.to_dict(), **adapter_summary(adapter)}
+    return write_peft_dir(out_dir, config, tensors, overwrite=overwrite, extra_json={MANIFEST: manifest})
+
+
+def _peft_target_modules(adapter: CompactAdapter) -> list[str] | str:
+    """The config's target names when they select exactly our modules' names, else the module paths.
+
+    PEFT wraps every layer its target names match and then expects tensors for each, so the names
+    must not reach further than the adapter does.
+    """
+    targets = adapter.config.target_modules
+    paths = sorted(adapter.modules)
+    if targets and all(matches_target(p, targets) for p in paths):
+        return targets
+    return paths
+
+
+# --------------------------------------------------------------------------------------------- reading
+def find_adapter_source(path: str | os.PathLike) -> Path:
+    """The directory to read for ``path``: an adapter or state directory itself, or a training run's
+    final state, else its latest ``checkpoint-<step>``."""
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"{path} does not exist")
+    if not path.is_dir():
+        raise UserError(f"{path} is not a directory (expected an adapter directory, a checkpoint or a training run)")
+    if _is_adapter_dir(path):
+        return path
+    if _is_adapter_dir(path / FINAL_STATE):
+        return path / FINAL_STATE
+    checkpoints = [
+        (int(m.group(1)), child)
+        for child in path.iterdir()
+        if (m := _CHECKPOINT.fullmatch(child.name)) and _is_adapter_dir(child)
+    ]
+    if checkpoints:
+        return max(checkpoints)[1]
+    raise UserError(
+        f"{path} holds no adapter: expected {ADAPTER_CONFIG}, a training state, "
+        f"or a training run with {FINAL_STATE}/ or checkpoint-<step>/"
+    )
+
+
+def _is_adapter_dir(path: Path) -> bool:
+    return is_state_dir(path) or (path / ADAPTER_CONFIG).is_file()
+
+
+def load_adapter(path: str | os.PathLike, allow_pickle: bool = False) -> CompactAdapter:
+    """Read any adapter source into a ``CompactAdapter`` (fp32, CPU, every module at its kept rank).
+
+    Bad input (wrong peft_type, missing tensors, inconsistent shapes, NaN/Inf, corrupt files, a pickle
+    without ``allow_pickle``) raises UserError naming the file and module.
+    """
+    source = find_adapter_source(path)
+    if is_state_dir(source):
+        state = load_adapter_state(source)
+        meta = {k: state.meta[k] for k in ("base_model_name_or_path", "task_type") if state.meta.get(k)}
+        return compact_from_state(state, **meta)
+    return _load_peft_dir(source, allow_pickle)
+
+
+def _load_peft_dir(path: Path, allow_pickle: bool) -> CompactAdapter:
+    config_path = path / ADAPTER_CONFIG
+    raw = read_json(config_path)
+    if not isinstance(raw, dict):
+        raise UserError(f"{config_path} does not hold a JSON object")
+    if raw.get("peft_type") != "ADALORA":
+        raise UserError(f"{config_path}: peft_type {raw.get('peft_type')!r} is not ADALORA; only AdaLoRA is read")
+    manifest = _read_manifest(path / MANIFEST)
+    config = _read_config(manifest.get("config", raw), config_path)
+    weights = path / ADAPTER_WEIGHTS
+    if not weights.is_file() and (path / ADAPTER_WEIGHTS_PICKLE).is_file():
+        weights = path / ADAPTER_WEIGHTS_PICKLE
+    tensors = load_tensors(weights, allow_pickle=allow_pickle)
+
+    groups: dict[str, dict[str, torch.Tensor]] = {}
+    extra = {}
+    for key, value in tensors.items():
+        if not key.startswith(PREFIX):
+            raise UserError(f"{weights}: unexpected tensor {key} (PEFT names start with {PREFIX})")
+        name = key[len(PREFIX) :]
+        module, _, part = name.rpartition(".")
+        if part in PARTS:
+            groups.setdefault(module, {})[part] = value
+        elif part != "ranknum":  # older PEFT versions saved ranknum; it is always init_r
+            extra[name] = value.float() if value.is_floating_point() else value
+    pattern = _read_rank_pattern(raw.get("rank_pattern"), config.init_r, config_path)
+    unknown = sorted(pattern.keys() - groups.keys())
+    if unknown:
+        raise UserError(f"{config_path}: rank_pattern names module {unknown[0]}, which has no tensors in {weights}")
+    if not groups:
+        raise UserError(f"{weights} holds no AdaLoRA tensors (lora_A, lora_E, lora_B)")
+
+    info = {m["module"]: m for m in manifest.get("modules", [])}
+    modules = {}
+    for module in _model_order(groups, [*info, *pattern]):
+        parts = groups[module]
+        missing = [p for p in PARTS if p not in parts]
+        if missing:
+            raise UserError(f"{weights} is missing tensor {PREFIX}{module}.{missing[0]}")
+        a, e, b = (parts[p].float() for p in PARTS)
+        _check_module(module, a, e, b, config.init_r, str(weights))
+        keep = _keep_mask(module, e, pattern.get(module), weights)
+        if keep is not None:
+            a, e, b = a[keep], e[keep], b[:, keep]
+        modules[module] = ModuleAdapter(
+            a.contiguous(),
+            e.contiguous(),
+            b.contiguous(),
+            fan_in_fan_out=bool(info.get(module, {}).get("fan_in_fan_out", raw.get("fan_in_fan_out", False))),
+            importance=_read_importance(info.get(module), e.shape[0], module, path / MANIFEST),
+        )
+    return CompactAdapter(
+        config=config,
+        modules=modules,
+        base_model_name_or_path=raw.get("base_model_name_or_path"),
+        task_type=our_task_type(raw.get("task_type")),
+        extra_weights=extra,
+    )
+
+
+def _model_order(groups: dict[str, Any], known_order: list[str]) -> list[str]:
+    """Module paths in model order: as the manifest (or PEFT's rank_pattern) lists them, the rest in
+    natural order (layer 10 after layer 9); safetensors files keep their keys sorted as strings."""
+
+    def natural(path: str) -> list:
+        return [(0, int(part), "") if part.isdigit() else (1, 0, part) for part in path.split(".")]
+
+    order = list(dict.fromkeys(p for p in known_order if p in groups))
+    return order + sorted(groups.keys() - set(order), key=natural)
+
+
+def _read_manifest(path: Path) -> dict[str, Any]:
+    """Our manifest beside a compact adapter ({} for PEFT's own directories, which have none)."""
+    if not path.is_file():
+        return {}
+    manifest = read_json(path)
+    modules = manifest.get("modules", []) if isinstance(manifest, dict) else None
+    if not isinstance(modules, list) or not all(isinstance(m, dict) and "module" in m for m in modules):
+        raise UserError(f"{path} is not an adapter manifest (expected an object with a list of modules)")
+    return manifest
+
+
+def _read_config(data: Any, where: Path) -> AdaLoraConfig:
+    if not isinstance(data, dict):
+        raise UserError(f"{where}: the adapter config is not a JSON object")
+    try:
+        return AdaLoraConfig.from_dict(data)
+    except (UserError, TypeError) as exc:
+        raise UserError(f"{where}: {exc}") from None
+
+
+def _read_rank_pattern(raw: Any, init_r: int, where: Path) -> dict[str, list[bool]]:
+    """``{module path: keep list}`` from PEFT's ``{"<path>.lora_E[.<adapter>]": [bool] * init_r}``."""
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise UserError(f"{where}: rank_pattern is not an object")
+    pattern = {}
+    for key, keep in raw.items():
+        module, sep, _ = key.rpartition(".lora_E")
+        if not sep:
+            raise UserError(f"{where}: rank_pattern key {key!r} does not name a lora_E")
+        if not isinstance(keep, list) or not all(isinstance(k, (bool, int)) and k in (0, 1) for k in keep):
+            raise UserError(f"{where}: rank_pattern entry for {module} is not a list of booleans")
+        if len(keep) != init_r:
+            raise UserError(f"{where}: rank_pattern entry for {module} has {len(keep)} entries, init_r is {init_r}")
+        pattern[module] = [bool(k) for k in keep]
+    return pattern
+
+
+def _keep_mask(module: str, e: torch.Tensor, keep: list[bool] | None, where: Path) -> torch.Tensor | None:
+    """Which stored triplets to keep: none to drop when already sliced to the pattern; the pattern's
+    True entries when stored at init_r; without a pattern, those with a nonzero E (PEFT's unsliced save)."""
+    rows = e.shape[0]
+    if keep is None:
+        nonzero = e.view(-1) != 0
+        return None if bool(nonzero.all()) else nonzero
+    kept = sum(keep)
+    if rows == kept:
+        return None
+    if rows == len(keep):
+        return torch.tensor(keep, dtype=torch.bool)
+    raise UserError(
+        f"{where}: module {module} stores rank {rows}, inconsistent with its rank_pattern ({kept} kept of {len(keep)})"
+    )
+
+
+def _read_importance(info: dict | None, rank: int, module: str, where: Path) -> torch.Tensor | None:
+    """The manifest's importance of a module's kept triplets, checked against the stored rank."""
+    if info is None:
+        return None
+    if info.get("rank") != rank:
+        raise UserError(f"{where}: manifest gives module {module} rank {info.get('rank')}, the tensors have {rank}")
+    values = info.get("importance")
+    if values is None:
+        return None
+    if len(values) != rank:
+        raise UserError(f"{where}: manifest has {len(values)} importance values for module {module} of rank {rank}")
+    return torch.tensor(values, dtype=torch.float32)
+
+
+def _check_module(path: str, a: torch.Tensor, e: torch.Tensor, b: torch.Tensor, init_r: int | None, where: str) -> None:
+    """A (r x in), E (r x 1), B (out x r), finite, r <= init_r; else a UserError naming the module."""
+    if a.dim() != 2 or b.dim() != 2 or e.dim() != 2 or e.shape[1] != 1:
+        raise UserError(
+            f"{where}: module {path} has lora_A {tuple(a.shape)}, lora_E {tuple(e.shape)}, lora_B {tuple(b.shape)}; "
+            "expected (r, in), (r, 1), (out, r)"
+        )
+    r = e.shape[0]
+    if a.shape[0] != r or b.shape[1] != r:
+        raise UserError(
+            f"{where}: module {path} has inconsistent ranks: lora_A {tuple(a.shape)}, lora_E {tuple(e.shape)}, "
+            f"lora_B {tuple(b.shape)}"
+        )
+    if init_r is not None and r > init_r:
+        raise UserError(f"{where}: module {path} has rank {r}, above init_r {init_r}")
+    for name, t in (("lora_A", a), ("lora_E", e), ("lora_B", b)):
+        if not t.is_floating_point() or (t.numel() and not torch.isfinite(t).all()):
+            raise UserError(f"{where}: module {path}.{name} is not a finite floating-point tensor")
