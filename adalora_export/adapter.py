@@ -78,12 +78,18 @@ class CompactAdapter:
     @classmethod
     @torch.no_grad()
     def from_model(
-        cls, model: nn.Module, config: AdaLoraConfig, mask: dict[str, list[bool]] | None = None, **meta
+        cls,
+        model: nn.Module,
+        config: AdaLoraConfig,
+        mask: dict[str, list[bool]] | None = None,
+        importance: dict[str, list[float]] | None = None,
+        **meta,
     ) -> CompactAdapter:
         """Read the adapters out of a model, dropping the triplets that ``mask`` marks False.
 
         ``mask`` is the mask in force (an allocator's ``current_mask``); layers already pruned to
-        their final rank are taken as they are.
+        their final rank are taken as they are. ``importance`` (an allocator's ``final_importance``)
+        records the score of each kept triplet.
         """
         modules = {}
         for path, layer in adapted_layers(model):
@@ -99,6 +105,9 @@ class CompactAdapter:
                 b.float().cpu().contiguous(),
                 fan_in_fan_out=layer.fan_in_fan_out,
             )
+            scores = (importance or {}).get(path)
+            if scores is not None and len(scores) == modules[path].rank:
+                modules[path].importance = torch.tensor(scores, dtype=torch.float32)
         extra = {
             strip_wrapper_prefix(name): p.detach().cpu().clone()
             for name, p in model.named_parameters()

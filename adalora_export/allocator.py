@@ -40,6 +40,7 @@ class RankAllocator:
         self.target_budget = config.target_r * len(self.layers)
         self.rank_pattern: dict[str, list[bool]] | None = None  # set at the final phase, then frozen
         self.current_mask: dict[str, list[bool]] | None = None  # the mask in force (None: all kept)
+        self.final_importance: dict[str, list[float]] | None = None  # scores of the kept triplets, at the final mask
         self.reset_importance()
 
     @property
@@ -134,8 +135,15 @@ class RankAllocator:
                 self.mask_to_budget(budget)
             return Allocation(budget, mask_now, self.kept(), False)
         # step == final_step (or later, when resuming a run that stopped right there): fix the pattern.
+        scores = self.triplet_scores()
         masks = self.mask_to_budget(self.target_budget)
         self.rank_pattern = dict(self.current_mask)
+        kept_scores = torch.cat([s[masks[name]] for (name, _), s in zip(self.layers, scores)]).tolist()
+        self.final_importance, start = {}, 0
+        for name, _ in self.layers:
+            rank = sum(self.rank_pattern[name])
+            self.final_importance[name] = kept_scores[start : start + rank]
+            start += rank
         for name, layer in self.layers:
             layer.prune(masks[name], optimizer)
         self.params, self.exp_avg_ipt, self.exp_avg_unc = [], [], []  # importance is no longer needed
@@ -160,6 +168,7 @@ class RankAllocator:
             "tensors": tensors,
             "rank_pattern": self.rank_pattern,
             "current_mask": self.current_mask,
+            "final_importance": self.final_importance,
             "total_step": self.total_step,
             "config": self.config.to_dict(),
         }
@@ -170,6 +179,7 @@ class RankAllocator:
             raise ValueError(f"allocator state is for total_step {state['total_step']}, not {self.total_step}")
         self.rank_pattern = state["rank_pattern"]
         self.current_mask = state["current_mask"]
+        self.final_importance = state.get("final_importance")
         if self.rank_pattern is not None:
             self.params, self.exp_avg_ipt, self.exp_avg_unc = [], [], []
             return

@@ -42,6 +42,7 @@ class AdapterState:
     extra: list[str]
     current_mask: dict[str, list[bool]] | None
     rank_pattern: dict[str, list[bool]] | None
+    final_importance: dict[str, list[float]] | None = None
     allocator_tensors: dict[str, torch.Tensor] = field(default_factory=dict)
     meta: dict = field(default_factory=dict)
 
@@ -83,6 +84,7 @@ def save_adapter_state(
             "extra": sorted(adapter.extra_weights),
             "current_mask": alloc.get("current_mask"),
             "rank_pattern": alloc.get("rank_pattern"),
+            "final_importance": alloc.get("final_importance"),
             "meta": meta or {},
         },
     )
@@ -102,6 +104,7 @@ def load_adapter_state(directory: str | os.PathLike) -> AdapterState:
             extra=list(info.get("extra", [])),
             current_mask=info.get("current_mask"),
             rank_pattern=info.get("rank_pattern"),
+            final_importance=info.get("final_importance"),
             meta=info.get("meta", {}),
         )
     except (KeyError, TypeError) as exc:
@@ -126,6 +129,9 @@ def compact_from_state(state: AdapterState, **meta) -> CompactAdapter:
             idx = torch.tensor(keep, dtype=torch.bool)
             a, e, b = a[idx], e[idx], b[:, idx]
         modules[path] = ModuleAdapter(a.contiguous(), e.contiguous(), b.contiguous(), fan_in_fan_out=fan_in_fan_out)
+        scores = (state.final_importance or {}).get(path)
+        if scores is not None and len(scores) == e.shape[0]:
+            modules[path].importance = torch.tensor(scores, dtype=torch.float32)
     extra = {name: state.tensors[name] for name in state.extra}
     return CompactAdapter(config=state.config, modules=modules, extra_weights=extra, **meta)
 
@@ -152,6 +158,7 @@ def restore_model(model: nn.Module, state: AdapterState, allocator: RankAllocato
                 "tensors": state.allocator_tensors,
                 "rank_pattern": state.rank_pattern,
                 "current_mask": state.current_mask,
+                "final_importance": state.final_importance,
                 "total_step": state.config.total_step,
                 "config": state.config.to_dict(),
             }
