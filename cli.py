@@ -6,6 +6,7 @@ written); 1 an unexpected failure.
 
 from __future__ import annotations
 
+import signal
 import sys
 
 import click
@@ -125,7 +126,7 @@ def demo(output: str | None, steps: int | None, overwrite: bool) -> None:
     default=None,
     help="With --onnx: write the adapter as FILE.onnx_adapter for this existing --adapter-inputs graph.",
 )
-@click.option("--workers", type=int, default=1, show_default=True, help="Shards merged in parallel.")
+@click.option("--workers", type=int, default=1, show_default=True, help="Merge threads sharing each shard's work.")
 @click.option("--verify", is_flag=True, help="After merging, compare merged against base+adapter.")
 @click.option("--allow-pickle", is_flag=True, help="Allow reading .bin/.pt files (weights_only=True).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output.")
@@ -247,8 +248,14 @@ def infer(onnx_dir, prompt, max_new_tokens, sample, temperature, top_k, seed, te
         click.echo(json.dumps({"embedding": server.embed(text)[0].round(6).tolist()}))
 
 
+def _exit_on_sigterm(signum, frame) -> None:
+    # SystemExit unwinds the stack, so atomic outputs remove their temporary files on the way out.
+    raise SystemExit(128 + signum)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: bad input is exit code 2 with one line on stderr, never a traceback."""
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
     try:
         cli.main(args=argv, prog_name="adalora-export", standalone_mode=False)
     except click.exceptions.Abort:

@@ -7,14 +7,22 @@ the life of the adapter, pruning included, exactly as PEFT does.
 
 from __future__ import annotations
 
+import sys
+
 import torch
 from torch import nn
-from transformers.pytorch_utils import Conv1D
+
+
+def _is_conv1d(module: nn.Module) -> bool:
+    # Checked without importing transformers: it costs seconds of start-up on paths that never need it
+    # (merge), and a model holding a Conv1D has imported it already.
+    utils = sys.modules.get("transformers.pytorch_utils")
+    return utils is not None and isinstance(module, utils.Conv1D)
 
 
 def is_adaptable(module: nn.Module) -> bool:
-    """True for the module types an SVD adapter can wrap."""
-    return isinstance(module, (nn.Linear, Conv1D))
+    """True for the module types an SVD adapter can wrap: nn.Linear and transformers' Conv1D."""
+    return isinstance(module, nn.Linear) or _is_conv1d(module)
 
 
 class SVDLinear(nn.Module):
@@ -25,7 +33,7 @@ class SVDLinear(nn.Module):
         if not is_adaptable(base_layer):
             raise TypeError(f"cannot adapt {type(base_layer).__name__}: only nn.Linear and Conv1D are supported")
         self.base_layer = base_layer
-        self.fan_in_fan_out = isinstance(base_layer, Conv1D)
+        self.fan_in_fan_out = _is_conv1d(base_layer)
         if self.fan_in_fan_out:
             self.in_features, self.out_features = base_layer.weight.shape
         else:

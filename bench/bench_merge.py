@@ -13,7 +13,8 @@ page-cache warm-up (every base file read once), and we record its wall time and 
 - PEFT               from_pretrained + PeftModel.from_pretrained + merge_and_unload + save_pretrained.
 
 Each route runs ``--repeat`` times in turn (PEFT's once); the table shows the fastest wall time and
-the largest peak RSS. Wall times include each process's start-up (Python, torch imports).
+the largest peak RSS. Wall times include each process's start-up (Python, torch imports); "merge
+alone" is our merge's own time as it reports it (reading the headers to the last fsync).
 Goals (issue 5): ours at most the largest shard + 25% in RSS and 1.5x cp in wall time.
 
     .venv/bin/python bench/bench_merge.py            # full: ~3 GB fp32 + 1.5 GB bf16 (needs ~20 GB disk)
@@ -25,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -132,25 +134,21 @@ def warm(path: Path) -> None:
                 pass
 
 
-def measure(cmd: list[str], after: list[str] | None = None) -> tuple[float, int]:
-    """(wall seconds, peak RSS bytes) of ``cmd`` (and of ``after``, run right after it), each in a subprocess."""
+def measure(cmd: list[str], after: list[str] | None = None) -> tuple[float, int, str]:
+    """(wall seconds, peak RSS bytes, stdout) of ``cmd`` (and ``after``, run right after it), each in a subprocess."""
     start = time.perf_counter()
-    peak = 0
+    peak, out = 0, ""
     rss_file = DATA / "rss.txt"
     for c in [cmd] + ([after] if after else []):
-        proc = subprocess.run(
-            [sys.executable, "-S", "-c", LAUNCHER, str(rss_file), *c],
-            cwd=ROOT,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-        )
+        launch = [sys.executable, "-S", "-c", LAUNCHER, str(rss_file), *c]
+        proc = subprocess.run(launch, cwd=ROOT, capture_output=True, text=True)
         if proc.returncode != 0:
-            raise SystemExit(f"{' '.join(c)} failed: {proc.stderr.decode()[-2000:]}")
-        peak = max(peak, int(rss_file.read_text()))
-    return time.perf_counter() - start, peak
+            raise SystemExit(f"{' '.join(c)} failed: {proc.stderr[-2000:]}")
+        peak, out = max(peak, int(rss_file.read_text())), out + proc.stdout
+    return time.perf_counter() - start, peak, out
 
 
-def run_dtype(root: Path, dtype: str, repeat: int, skip_peft: bool) -> list[tuple[str, float, int]]:
+def run_dtype(root: Path, dtype: str, repeat: int, skip_peft: bool) -> list[tuple[str, float, int, float | None]]:
     base, adapter = root / f"base-{dtype}", root / "adapter"
     out = root / "out"
     shard = SIZES[root.name.split("-", 1)[1]][4 if dtype == "fp32" else 5]
@@ -176,7 +174,7 @@ def run_dtype(root: Path, dtype: str, repeat: int, skip_peft: bool) -> list[tupl
             [[sys.executable, "-c", PEFT_ROUTE, str(base), str(adapter), str(out), shard]],
             None,
         )
-    results: dict[str, list[tuple[float, int]]] = {name: [] for name in routes}
+    results: dict[str, list[tuple[float, int, str]]] = {name: [] for name in routes}
     for _ in range(repeat):
         for name, (cmds, after) in routes.items():
             if name.startswith("PEFT") and results[name]:
@@ -186,7 +184,11 @@ def run_dtype(root: Path, dtype: str, repeat: int, skip_peft: bool) -> list[tupl
             warm(base)
             results[name].append(measure(cmds[0], after))
     shutil.rmtree(out, ignore_errors=True)
-    return [(name, min(w for w, _ in runs), max(r for _, r in runs)) for name, runs in results.items()]
+    rows = []
+    for name, runs in results.items():
+        merged = [float(m.group(1)) for _, _, o in runs if (m := re.search(r" in ([0-9.]+) s", o))]
+        rows.append((name, min(w for w, _, _ in runs), max(r for _, r, _ in runs), min(merged) if merged else None))
+    return rows
 
 
 def main() -> None:
@@ -201,16 +203,17 @@ def main() -> None:
     print(
         f"machine: {os.cpu_count()} CPUs, {os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB\n"
     )
-    print("| dtype | route | wall s | x cp -r | peak RSS GiB | x largest shard | x model |")
-    print("|---|---|---:|---:|---:|---:|---:|")
+    print("| dtype | route | wall s | x cp -r | merge alone s | peak RSS GiB | x largest shard | x model |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|")
     for dtype in ("fp32", "bf16"):
         total, largest, shards = dir_bytes(root / f"base-{dtype}")
         rows = run_dtype(root, dtype, args.repeat, args.no_peft)
         floor = rows[0][1]
         label = f"{dtype} ({total / 2**30:.2f} GiB, {shards} shards)"
-        for name, wall, rss in rows:
-            ratios = f"{wall / floor:.2f} | {rss / 2**30:.2f} | {rss / largest:.2f} | {rss / total:.2f}"
-            print(f"| {label} | {name} | {wall:.2f} | {ratios} |", flush=True)
+        for name, wall, rss, alone in rows:
+            alone = f"{alone:.2f}" if alone is not None else ""
+            ratios = f"{rss / 2**30:.2f} | {rss / largest:.2f} | {rss / total:.2f}"
+            print(f"| {label} | {name} | {wall:.2f} | {wall / floor:.2f} | {alone} | {ratios} |", flush=True)
 
 
 if __name__ == "__main__":
