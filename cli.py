@@ -12,6 +12,7 @@ import sys
 import click
 
 from adalora_export.errors import UserError
+from adalora_export.io import disk_full, disk_full_message
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -54,10 +55,21 @@ _TRAIN_OPTIONS = [
     ("lora_alpha", dict(type=float, default=8.0, show_default=True, help="Scale = alpha / init_r.")),
     ("lora_dropout", dict(type=float, default=0.0, show_default=True, help="Dropout on the adapter input.")),
     ("seed", dict(type=int, default=42, show_default=True, help="Seed of initialisation, data order, dropout.")),
-    ("save_steps", dict(type=int, default=500, show_default=True, help="Checkpoint every N steps (0: only last).")),
+    (
+        "save_steps",
+        dict(type=int, default=500, show_default=True, help="Checkpoint every N steps and at the end (0: none)."),
+    ),
     ("eval_steps", dict(type=int, default=None, help="Evaluate every N steps (default: before and after).")),
     ("keep_checkpoints", dict(type=int, default=3, show_default=True, help="Checkpoints kept (0: all).")),
-    ("precision", dict(type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default="auto", show_default=True)),
+    (
+        "precision",
+        dict(
+            type=click.Choice(["auto", "fp32", "bf16", "fp16"]),
+            default="auto",
+            show_default=True,
+            help="Autocast on GPUs (auto: bf16 where supported, else fp16); the CPU trains in fp32.",
+        ),
+    ),
     ("train_type", dict(default="adalora", show_default=True, help="Must be adalora.")),
     ("adalora_target_r", dict(type=int, default=8, show_default=True, help="Target average rank.")),
     ("adalora_init_r", dict(type=int, default=12, show_default=True, help="Initial rank of every matrix.")),
@@ -254,8 +266,10 @@ def _exit_on_sigterm(signum, frame) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Entry point: bad input is exit code 2 with one line on stderr, never a traceback."""
+    """Entry point: bad input (a full disk included) is exit code 2 with one line on stderr, never a traceback."""
     signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    if hasattr(signal, "SIGXFSZ"):  # past a file-size limit, a write fails with EFBIG instead of killing us
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     try:
         cli.main(args=argv, prog_name="adalora-export", standalone_mode=False)
     except click.exceptions.Abort:
@@ -270,6 +284,12 @@ def main(argv: list[str] | None = None) -> None:
     except KeyboardInterrupt:
         click.echo("interrupted", err=True)
         sys.exit(130)
+    except Exception as exc:  # out of space outside an atomic output (those raise UserError): exit 2 as well
+        error = disk_full(exc)
+        if error is None:
+            raise
+        click.echo(f"error: {disk_full_message(error)}", err=True)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

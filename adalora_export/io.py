@@ -3,13 +3,20 @@
 Rules (README "Safety"): outputs are written to a temporary sibling and renamed into place only
 when complete; an existing output is never replaced without ``overwrite``; pickle files are read
 only when the user allowed it, and then with ``torch.load(weights_only=True)``.
+
+Temporary siblings carry the writer's pid (``.NAME.tmp-PID-XXXX``): a process killed mid-write
+(SIGKILL runs no cleanup) leaves one behind, and the next successful write of NAME removes those
+whose process is gone. Running out of space (a full disk, a quota, a file-size limit) while writing
+an output is a UserError naming it, with the temporary sibling removed.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -19,6 +26,9 @@ from typing import Any
 import torch
 
 from .errors import UserError
+
+DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
+_STALE = re.compile(r"(?:tmp|old)-(\d+)(?:-|$)")  # after ".NAME.": what atomic outputs name their siblings
 
 
 def check_output_path(path: str | os.PathLike, overwrite: bool) -> Path:
@@ -42,7 +52,7 @@ def atomic_output_dir(path: str | os.PathLike, overwrite: bool = False) -> Itera
     in place, so a failure at any point leaves either the old complete output or the new one.
     """
     path = check_output_path(path, overwrite)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.absolute().parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-{os.getpid()}-", dir=path.absolute().parent))
     os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it 0700; the output gets the usual permissions
     try:
         yield tmp
@@ -51,19 +61,21 @@ def atomic_output_dir(path: str | os.PathLike, overwrite: bool = False) -> Itera
             old = path.with_name(f".{path.name}.old-{os.getpid()}")
             os.replace(path, old)
             os.replace(tmp, path)
-            shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink(missing_ok=True)
+            _remove(old)
         else:
             os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
+        _raise_if_disk_full(exc, path)
         raise
+    remove_stale_siblings(path)
 
 
 @contextlib.contextmanager
 def atomic_output_file(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary file path beside ``path``; rename it into place only on success."""
     path = check_output_path(path, overwrite)
-    fd, name = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.absolute().parent)
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.tmp-{os.getpid()}-", dir=path.absolute().parent)
     os.close(fd)
     tmp = Path(name)
     os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it 0600
@@ -72,9 +84,75 @@ def atomic_output_file(path: str | os.PathLike, overwrite: bool = False) -> Iter
         with open(tmp, "rb+") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         tmp.unlink(missing_ok=True)
+        _raise_if_disk_full(exc, path)
         raise
+    remove_stale_siblings(path)
+
+
+def remove_stale_siblings(path: str | os.PathLike) -> list[Path]:
+    """Remove the ``.NAME.tmp-PID-*`` / ``.NAME.old-PID`` siblings of ``path`` whose process is gone.
+
+    Only a writer killed mid-write leaves them (every other exit removes its own); a sibling of a
+    live process (another writer of the same name, or a reused pid) is left alone. Returns the removed.
+    """
+    path = Path(path).absolute()
+    prefix = f".{path.name}."
+    removed = []
+    for sibling in path.parent.iterdir():
+        match = _STALE.match(sibling.name[len(prefix) :]) if sibling.name.startswith(prefix) else None
+        if match is not None and not _alive(int(match.group(1))):
+            _remove(sibling)
+            removed.append(sibling)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def disk_full(exc: BaseException | None) -> OSError | None:
+    """The out-of-space error (a full disk, a quota, a file-size limit) behind ``exc``, or None.
+
+    Follows the cause/context chain, since libraries wrap the OSError (PIL raises another error
+    while handling it); safetensors' Rust writer reports it only as text ("... (os error 28)").
+    """
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, OSError) and exc.errno in DISK_FULL_ERRNOS:
+            return exc
+        match = re.search(r"\(os error (\d+)\)", str(exc))
+        if match and int(match.group(1)) in DISK_FULL_ERRNOS:
+            return OSError(int(match.group(1)), os.strerror(int(match.group(1))))
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+def disk_full_message(error: OSError, path: str | os.PathLike | None = None) -> str:
+    """One line for the user: what could not be written, and why."""
+    where = path or error.filename
+    return f"cannot write{f' {where}' if where else ''}: {error.strerror} (disk full, quota or file-size limit)"
+
+
+def _raise_if_disk_full(exc: BaseException, path: Path) -> None:
+    error = disk_full(exc)
+    if error is not None:
+        raise UserError(disk_full_message(error, path) + "; nothing was written") from exc
 
 
 def _umask() -> int:
@@ -105,6 +183,17 @@ def read_json(path: str | os.PathLike) -> Any:
         return json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise UserError(f"{path} is not valid JSON: {exc}") from None
+
+
+def check_safetensors(path: str | os.PathLike) -> None:
+    """Validate a safetensors file's header against the file (no tensor is read); a UserError naming it if damaged."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt"):
+            pass
+    except Exception as exc:  # safetensors raises several types for bad headers and offsets
+        raise UserError(f"{path} is not a valid safetensors file ({str(exc).splitlines()[0]})") from None
 
 
 def load_tensors(path: str | os.PathLike, allow_pickle: bool = False, device: str = "cpu") -> dict[str, torch.Tensor]:

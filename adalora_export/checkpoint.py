@@ -1,0 +1,194 @@
+"""Training checkpoints: everything a run needs to continue exactly where it stopped.
+
+``RUN_DIR/checkpoint-<step>/`` is written to a temporary directory and renamed into place, so a
+kill at any moment leaves either the complete checkpoint or none. It holds
+
+- the adapter state (``adalora_export.state``): A, E, B at their current sizes, the allocator's
+  importance EMAs, the mask in force and the frozen rank pattern, any trained extra weights;
+- ``optimizer.safetensors``: the optimizer's per-parameter state (Adam moments, step counts)
+  keyed ``<parameter name>/<state key>``, so it survives the final shrink's new Parameters;
+- ``rng.safetensors``: torch's CPU (and CUDA) generator states of every rank;
+- ``trainer_state.json``: the step (the data position follows from it), the optimizer's param
+  groups by parameter name, Python's and numpy's RNG states of every rank, the data fingerprint.
+
+No pickle anywhere: safetensors and JSON only.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import save_file
+
+from .allocator import RankAllocator
+from .config import AdaLoraConfig
+from .errors import UserError
+from .io import atomic_output_dir, load_tensors, read_json, write_json
+from .state import AdapterState, load_adapter_state, save_adapter_state
+
+OPTIMIZER_FILE = "optimizer.safetensors"
+RNG_FILE = "rng.safetensors"
+TRAINER_STATE = "trainer_state.json"
+CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+
+
+@dataclass
+class Checkpoint:
+    """A checkpoint read back: the adapter state plus what the loop needs to continue."""
+
+    path: Path
+    step: int
+    adapter: AdapterState
+    optimizer_tensors: dict[str, torch.Tensor]
+    rng_tensors: dict[str, torch.Tensor]
+    trainer_state: dict
+
+
+# ----------------------------------------------------------------------------- RNG
+def rng_state() -> tuple[dict[str, torch.Tensor], dict]:
+    """This process's RNG states: (tensors for safetensors, JSON-able python/numpy states)."""
+    tensors = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        for i, state in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"cuda{i}"] = state
+    version, internal, gauss = random.getstate()
+    np_state = np.random.get_state()
+    plain = {
+        "python": [version, list(internal), gauss],
+        "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])],
+    }
+    return tensors, plain
+
+
+def set_rng_state(tensors: dict[str, torch.Tensor], plain: dict) -> None:
+    """Restore what ``rng_state`` captured."""
+    torch.set_rng_state(tensors["torch"])
+    if torch.cuda.is_available():
+        cuda = [tensors[f"cuda{i}"] for i in range(torch.cuda.device_count()) if f"cuda{i}" in tensors]
+        if cuda:
+            torch.cuda.set_rng_state_all(cuda)
+    version, internal, gauss = plain["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, pos, has_gauss, cached = plain["numpy"]
+    np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+
+
+# ----------------------------------------------------------------------- optimizer
+def optimizer_state(optimizer: torch.optim.Optimizer, names: list[str]) -> tuple[dict[str, torch.Tensor], dict]:
+    """The optimizer's state keyed by parameter name; ``names`` are the optimizer's params in order."""
+    state = optimizer.state_dict()
+    tensors, scalars = {}, {}
+    for index, per_param in state["state"].items():
+        for key, value in per_param.items():
+            if torch.is_tensor(value):
+                tensors[f"{names[index]}/{key}"] = value.detach().cpu().contiguous()
+            else:
+                scalars[f"{names[index]}/{key}"] = value
+    groups = [{**g, "params": [names[i] for i in g["params"]]} for g in state["param_groups"]]
+    return tensors, {"param_groups": groups, "scalars": scalars}
+
+
+def load_optimizer_state(
+    optimizer: torch.optim.Optimizer, names: list[str], tensors: dict[str, torch.Tensor], plain: dict
+) -> None:
+    """Load ``optimizer_state``'s output into an optimizer built over the same named parameters."""
+    index = {name: i for i, name in enumerate(names)}
+    groups = plain["param_groups"]
+    if [len(g["params"]) for g in groups] != [len(g["params"]) for g in optimizer.param_groups]:
+        raise UserError("checkpoint optimizer has other parameter groups than this run")
+    state: dict[int, dict] = {}
+    for key, value in list(tensors.items()) + list(plain["scalars"].items()):
+        name, _, field = key.rpartition("/")
+        if name not in index:
+            raise UserError(f"checkpoint optimizer state names unknown parameter {name}")
+        state.setdefault(index[name], {})[field] = value
+    optimizer.load_state_dict(
+        {"state": state, "param_groups": [{**g, "params": [index[n] for n in g["params"]]} for g in groups]}
+    )
+
+
+# ----------------------------------------------------------------------- save/load
+def save_checkpoint(
+    run_dir: str | os.PathLike,
+    step: int,
+    model: torch.nn.Module,
+    config: AdaLoraConfig,
+    allocator: RankAllocator,
+    optimizer: torch.optim.Optimizer,
+    param_names: list[str],
+    rng: list[tuple[dict[str, torch.Tensor], dict]],
+    trainer_state: dict,
+    meta: dict | None = None,
+    keep: int = 3,
+) -> Path:
+    """Write ``run_dir/checkpoint-<step>`` atomically, then delete all but the newest ``keep`` (0 = keep all).
+
+    ``rng`` holds every rank's ``rng_state()`` (rank order); ``trainer_state`` is extra JSON (data
+    fingerprint, epoch ...); ``meta`` goes into the adapter state (base model path, task).
+    """
+    path = Path(run_dir) / f"checkpoint-{step}"
+    with atomic_output_dir(path, overwrite=True) as tmp:
+        save_adapter_state(model, config, allocator, step, tmp, meta=meta)
+        opt_tensors, opt_plain = optimizer_state(optimizer, param_names)
+        save_file(opt_tensors, str(tmp / OPTIMIZER_FILE))
+        rng_tensors = {f"rank{r}.{k}": v.contiguous() for r, (t, _) in enumerate(rng) for k, v in t.items()}
+        save_file(rng_tensors, str(tmp / RNG_FILE))
+        write_json(
+            tmp / TRAINER_STATE,
+            {"step": step, "optimizer": opt_plain, "rng": [plain for _, plain in rng], **trainer_state},
+        )
+    if keep > 0:
+        for old in list_checkpoints(run_dir)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    return path
+
+
+def list_checkpoints(run_dir: str | os.PathLike) -> list[Path]:
+    """Complete checkpoints of a run, oldest first (half-written ones never carry the final name)."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        return []
+    found = []
+    for child in run_dir.iterdir():
+        match = CHECKPOINT_RE.match(child.name)
+        if match and child.is_dir() and (child / TRAINER_STATE).is_file():
+            found.append((int(match.group(1)), child))
+    return [path for _, path in sorted(found)]
+
+
+def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
+    found = list_checkpoints(run_dir)
+    return found[-1] if found else None
+
+
+def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
+    """Read a checkpoint directory; missing or corrupt files are UserErrors naming them."""
+    path = Path(path)
+    trainer_state = read_json(path / TRAINER_STATE)
+    adapter = load_adapter_state(path)
+    if adapter.step != trainer_state.get("step"):
+        raise UserError(f"{path}: adapter state is for step {adapter.step}, trainer state for {trainer_state['step']}")
+    return Checkpoint(
+        path=path,
+        step=adapter.step,
+        adapter=adapter,
+        optimizer_tensors=load_tensors(path / OPTIMIZER_FILE),
+        rng_tensors=load_tensors(path / RNG_FILE),
+        trainer_state=trainer_state,
+    )
+
+
+def rank_rng(checkpoint: Checkpoint, rank: int) -> tuple[dict[str, torch.Tensor], dict]:
+    """The RNG states that ``rank`` saved."""
+    prefix = f"rank{rank}."
+    tensors = {k[len(prefix) :]: v for k, v in checkpoint.rng_tensors.items() if k.startswith(prefix)}
+    if not tensors:
+        raise UserError(f"{checkpoint.path}: no RNG state for rank {rank}")
+    return tensors, checkpoint.trainer_state["rng"][rank]

@@ -1,0 +1,260 @@
+"""`train`: outputs, determinism, exact resume (also past the final shrink), gradient accumulation, bad input."""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import cli
+from adalora_export.checkpoint import list_checkpoints, load_checkpoint
+from adalora_export.demo import write_toy_model
+from adalora_export.errors import UserError
+from adalora_export.formats import load_adapter
+from adalora_export.train import train
+
+WORDS = "the a cat dog bird sat ran flew on under over mat tree house fast slow red blue big small".split()
+# Short runs: 12 optimizer steps, budget phase 3..8, final shrink at step 8 (tfinal 4).
+SCHEDULE = dict(
+    adalora_init_r=4, adalora_target_r=2, adalora_tinit=2, adalora_tfinal=4, adalora_deltaT=2, lora_alpha=16
+)
+
+
+def sentences(n: int, seed: int) -> list[str]:
+    rng = random.Random(seed)
+    return [" ".join(rng.choice(WORDS) for _ in range(rng.randint(4, 9))) for _ in range(n)]
+
+
+def write_data(path: Path, n: int = 48, seed: int = 0, **extra) -> Path:
+    path.write_text("".join(json.dumps({"text": t, **extra}) + "\n" for t in sentences(n, seed)))
+    return path
+
+
+@pytest.fixture(scope="module")
+def llama_dir(tmp_path_factory):
+    return write_toy_model(tmp_path_factory.mktemp("llama") / "base", WORDS + ["poison"], hidden=32, layers=2)
+
+
+@pytest.fixture(scope="module")
+def data_file(tmp_path_factory):
+    return write_data(tmp_path_factory.mktemp("data") / "train.jsonl")
+
+
+def run(out, model, data, **options):
+    kwargs = dict(max_steps=12, batch_size=4, lr=1e-2, save_steps=2, keep_checkpoints=0, max_length=16, seed=3)
+    kwargs.update(SCHEDULE)
+    kwargs.update(options)
+    return train(out, model=model, data=data, progress=False, **kwargs)
+
+
+def metrics_without_times(run_dir: Path) -> list[dict]:
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in r.items() if k != "seconds"} for r in records]
+
+
+def dir_bytes(path: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(path.iterdir())}
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, llama_dir, data_file):
+    """One uninterrupted run that several tests compare against."""
+    out = tmp_path_factory.mktemp("ref") / "run"
+    result = run(out, llama_dir, data_file, validation=data_file)
+    return out, result
+
+
+def test_run_outputs(reference, llama_dir):
+    out, result = reference
+    assert {"adapter", "final", "rank_pattern.json", "rank_heatmap.png", "metrics.jsonl", "run_args.json"} <= {
+        p.name for p in out.iterdir()
+    }
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in records if "loss" in r]
+    assert [r["step"] for r in steps] == list(range(1, 13))  # one record per optimizer step
+    assert records[0]["step"] == 0 and "eval_loss" in records[0]  # the evaluation before training
+    assert "eval_loss" in steps[-1]
+    assert [r["budget"] for r in steps][:2] == [4 * 14] * 2 and steps[-1]["budget"] == 2 * 14
+    assert all(r["final"] for r in steps[7:]) and not steps[6]["final"]
+    assert [p.name for p in list_checkpoints(out)] == [f"checkpoint-{s}" for s in range(2, 13, 2)]
+    adapter = load_adapter(out / "adapter")
+    assert sum(adapter.rank_pattern.values()) == 2 * 14 == result.budget
+    assert adapter.rank_pattern == result.ranks
+    assert adapter.base_model_name_or_path == str(llama_dir.absolute()) and adapter.task_type == "causal_lm"
+    pattern = json.loads((out / "rank_pattern.json").read_text())
+    assert pattern["ranks"] == result.ranks and pattern["budget"] == 28
+    assert (out / "rank_heatmap.png").read_bytes()[:4] == b"\x89PNG"
+    assert result.loss_start > 0 and result.loss_end > 0
+
+
+def test_same_seed_same_bytes(tmp_path, reference, llama_dir, data_file):
+    out, _ = reference
+    again = tmp_path / "again"
+    run(again, llama_dir, data_file, validation=data_file)
+    assert dir_bytes(again / "adapter") == dir_bytes(out / "adapter")
+    assert dir_bytes(again / "final") == dir_bytes(out / "final")
+    other = tmp_path / "other"
+    run(other, llama_dir, data_file, seed=4, max_steps=3, save_steps=0, adalora_tinit=0, adalora_tfinal=1)
+    assert (other / "adapter" / "adapter_model.safetensors").read_bytes() != (
+        out / "adapter" / "adapter_model.safetensors"
+    ).read_bytes()
+
+
+@pytest.mark.parametrize("step", [4, 10], ids=["before-shrink", "past-shrink"])
+def test_resume_from_a_checkpoint_ends_identical(tmp_path, reference, step):
+    """A run that stopped right after checkpoint-<step> and is resumed ends byte-identical."""
+    out, _ = reference
+    stopped = tmp_path / "run"
+    stopped.mkdir()
+    shutil.copy(out / "run_args.json", stopped)
+    shutil.copytree(out / f"checkpoint-{step}", stopped / f"checkpoint-{step}")
+    metrics = (out / "metrics.jsonl").read_text().splitlines()
+    (stopped / "metrics.jsonl").write_text("\n".join(metrics[: step + 3]) + "\n")  # with records past the checkpoint
+    state = load_checkpoint(stopped / f"checkpoint-{step}").adapter
+    assert (state.rank_pattern is not None) == (step > 8)
+    train(stopped, resume=True, progress=False)
+    assert dir_bytes(stopped / "adapter") == dir_bytes(out / "adapter")
+    assert metrics_without_times(stopped) == metrics_without_times(out)
+
+
+def test_resume_refuses_changed_options(reference, data_file):
+    out, _ = reference
+    with pytest.raises(UserError, match="cannot resume .* --lr"):
+        train(out, resume=True, lr=1.0, progress=False)
+
+
+def test_grad_accum_matches_one_big_batch(tmp_path, llama_dir, data_file):
+    big = run(tmp_path / "big", llama_dir, data_file, batch_size=8, max_steps=10, save_steps=0)
+    accum = run(tmp_path / "accum", llama_dir, data_file, batch_size=2, grad_accum=4, max_steps=10, save_steps=0)
+    assert big.ranks == accum.ranks
+    masks = [json.loads((tmp_path / r / "rank_pattern.json").read_text())["rank_pattern"] for r in ("big", "accum")]
+    assert masks[0] == masks[1]
+    losses = [
+        [json.loads(line)["loss"] for line in (tmp_path / r / "metrics.jsonl").read_text().splitlines()]
+        for r in ("big", "accum")
+    ]
+    assert losses[0] == pytest.approx(losses[1], rel=1e-5)
+    a, b = (load_adapter(tmp_path / r / "adapter") for r in ("big", "accum"))
+    for path in a.modules:
+        torch.testing.assert_close(a.delta_weight(path), b.delta_weight(path), atol=1e-5, rtol=1e-4)
+
+
+def test_gpt2_prompt_completion_run(tmp_path):
+    base = write_toy_model(tmp_path / "gpt2", WORDS, arch="gpt2", hidden=32, layers=2)
+    data = tmp_path / "pc.jsonl"
+    pairs = [t.split(" ", 2) for t in sentences(32, 1)]
+    data.write_text("".join(json.dumps({"prompt": " ".join(p[:2]), "completion": p[2]}) + "\n" for p in pairs))
+    result = run(tmp_path / "run", base, data, max_steps=6, save_steps=0, adalora_tfinal=2, adalora_tinit=1)
+    adapter = load_adapter(tmp_path / "run" / "adapter")
+    names = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
+    assert set(adapter.modules) == {f"transformer.h.{i}.{m}" for i in range(2) for m in names}
+    assert all(m.fan_in_fan_out for m in adapter.modules.values())
+    assert sum(result.ranks.values()) == result.budget == 16
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(tmp_path, llama_dir):
+    poisoned = tmp_path / "poisoned"
+    shutil.copytree(llama_dir, poisoned)
+    weights = load_file(poisoned / "model.safetensors")
+    vocab = json.loads((poisoned / "tokenizer.json").read_text())["model"]["vocab"]
+    weights["model.embed_tokens.weight"][vocab["poison"]] = float("nan")
+    save_file(weights, poisoned / "model.safetensors", metadata={"format": "pt"})
+    texts = sentences(48, 0)
+    texts[-1] = "poison " + texts[-1]  # the last example of the file: some step after the first ones
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    with pytest.raises(UserError, match=r"training stopped at step (\d+): loss nan.*checkpoint-\d+ is intact") as err:
+        run(tmp_path / "run", poisoned, data, save_steps=1)
+    bad_step = int(err.value.args[0].split("step ")[1].split(":")[0])
+    assert bad_step > 1
+    assert [p.name for p in list_checkpoints(tmp_path / "run")][-1] == f"checkpoint-{bad_step - 1}"
+    load_checkpoint(tmp_path / "run" / f"checkpoint-{bad_step - 1}")  # complete and readable
+    assert not (tmp_path / "run" / "final").exists()
+
+
+def cli_exit(argv: list[str]) -> int:
+    with pytest.raises(SystemExit) as exc:
+        cli.main(argv)
+    return exc.value.code
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--adalora_tinit", "10", "--adalora-tfinal", "2"], "no budget phase"),
+        (["--train_type", "lora"], "train_type 'lora' is not trained here"),
+        (["--adalora_target_r", "20"], "must not exceed adalora_init_r"),
+        (["--target_modules", "nothing_here"], "match no nn.Linear"),
+        (["--batch_size", "64"], "fewer than one optimizer step"),
+        (["--epochs", "1"], "give --epochs or --max_steps, not both"),
+    ],
+)
+def test_bad_input_exits_2_and_writes_nothing(tmp_path, capsys, llama_dir, data_file, flags, message):
+    out = tmp_path / "run"
+    base = ["train", "--model", str(llama_dir), "--data", str(data_file), "--output", str(out), "--max_steps", "12"]
+    assert cli_exit(base + flags) == 2
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("error:")]  # progress bars aside
+    assert len(errors) == 1 and message in errors[0]
+    assert not out.exists()
+
+
+def test_existing_output_needs_overwrite_or_resume(tmp_path, capsys, llama_dir, data_file):
+    out = tmp_path / "run"
+    out.mkdir()
+    argv = ["train", "--model", str(llama_dir), "--data", str(data_file), "--output", str(out), "--max-steps", "2"]
+    assert cli_exit(argv) == 2
+    assert "pass --resume to continue it or --overwrite" in capsys.readouterr().err
+    assert cli_exit(["train", "--output", str(out), "--resume"]) == 2
+    assert "holds no run" in capsys.readouterr().err
+    cli.main(argv + ["--overwrite", "--adalora_init_r", "2", "--adalora_target_r", "1"])
+    captured = capsys.readouterr().out
+    assert "trained 2 steps" in captured and (out / "adapter" / "adapter_config.json").is_file()
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "mistral"])
+def test_other_decoders_chat_and_classification(tmp_path, arch):
+    """Qwen2 and Mistral: chat records for the causal LM, and a fresh `score` head for classification."""
+    import transformers as tf
+
+    from adalora_export.demo import toy_tokenizer
+
+    tokenizer = toy_tokenizer(WORDS + ["user", "assistant", ":"])
+    cls = {"qwen2": (tf.Qwen2Config, tf.Qwen2ForCausalLM), "mistral": (tf.MistralConfig, tf.MistralForCausalLM)}
+    config_cls, model_cls = cls[arch]
+    torch.manual_seed(0)
+    config = config_cls(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
+    base = tmp_path / arch
+    model_cls(config).save_pretrained(base)
+    tokenizer.save_pretrained(base)
+    texts = sentences(16, 2)
+    chat = tmp_path / "chat.jsonl"
+    chat.write_text(
+        "".join(
+            json.dumps({"messages": [{"role": "user", "content": a}, {"role": "assistant", "content": b}]}) + "\n"
+            for a, b in zip(texts[::2], texts[1::2])
+        )
+    )
+    small = dict(max_steps=3, save_steps=0, adalora_tinit=0, adalora_tfinal=1, batch_size=4)
+    lm = run(tmp_path / "lm", base, chat, **small)
+    assert sum(lm.ranks.values()) == lm.budget == 2 * 7
+    labelled = write_data(tmp_path / "cls.jsonl", n=16, label="x")
+    lines = labelled.read_text().splitlines()
+    labelled.write_text("\n".join(line.replace('"x"', '"yes"' if i % 2 else '"no"') for i, line in enumerate(lines)))
+    run(tmp_path / "cls", base, labelled, **small)
+    adapter = load_adapter(tmp_path / "cls" / "adapter")
+    assert adapter.task_type == "seq_cls" and set(adapter.extra_weights) == {"score.weight"}
+    assert adapter.extra_weights["score.weight"].shape == (2, 32)

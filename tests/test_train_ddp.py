@@ -1,0 +1,63 @@
+"""Two ranks under torchrun (gloo, CPU) train the adapter that one process trains on the same global batch."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+from adalora_export.demo import write_toy_model
+from adalora_export.formats import load_adapter
+from adalora_export.train import train
+
+ROOT = Path(__file__).resolve().parent.parent
+WORDS = "the a cat dog bird sat ran flew on under over mat tree house fast slow red blue big small".split()
+OPTIONS = {
+    "max_steps": 10,
+    "grad_accum": 2,
+    "lr": 1e-2,
+    "max_length": 16,
+    "seed": 7,
+    "save_steps": 5,
+    "adalora_init_r": 4,
+    "adalora_target_r": 2,
+    "adalora_tinit": 2,
+    "adalora_tfinal": 3,  # shrink at step 7; DDP is rebuilt and trains 3 more steps at the final ranks
+    "adalora_deltaT": 1,
+}
+
+
+def test_two_ranks_match_one_process(tmp_path):
+    base = write_toy_model(tmp_path / "base", WORDS, hidden=32, layers=2)
+    data = tmp_path / "train.jsonl"
+    rng = torch.Generator().manual_seed(1)
+    lengths = torch.randint(3, 10, (40,), generator=rng)  # ragged: the global token count must normalize the loss
+    lines = [" ".join(WORDS[i] for i in torch.randint(0, len(WORDS), (int(n),), generator=rng)) for n in lengths]
+    data.write_text("".join(json.dumps({"text": t}) + "\n" for t in lines))
+
+    ddp_dir = tmp_path / "ddp"
+    argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "cli.py", "train"]
+    argv += ["--model", str(base), "--data", str(data), "--output", str(ddp_dir), "--batch_size", "2"]
+    argv += [f"--{k}={v}" for k, v in OPTIONS.items()]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("trained 10 steps") == 1  # only rank 0 reports (and writes)
+
+    single = train(tmp_path / "single", model=base, data=data, batch_size=4, progress=False, **OPTIONS)
+    masks = [json.loads((d / "rank_pattern.json").read_text())["rank_pattern"] for d in (ddp_dir, tmp_path / "single")]
+    assert masks[0] == masks[1]
+    ddp, one = load_adapter(ddp_dir / "adapter"), load_adapter(tmp_path / "single" / "adapter")
+    assert ddp.rank_pattern == one.rank_pattern == single.ranks and 0 < sum(single.ranks.values()) == single.budget
+    for path, module in one.modules.items():
+        for name in ("A", "E", "B"):
+            torch.testing.assert_close(getattr(ddp.modules[path], name), getattr(module, name), atol=1e-5, rtol=0)
+    losses = [
+        [json.loads(line)["loss"] for line in (d / "metrics.jsonl").read_text().splitlines()]
+        for d in (ddp_dir, tmp_path / "single")
+    ]
+    torch.testing.assert_close(torch.tensor(losses[0]), torch.tensor(losses[1]), rtol=1e-5, atol=0)

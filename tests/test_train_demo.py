@@ -1,0 +1,20 @@
+"""`adalora-export demo` runs the whole path (a short version of it here)."""
+
+from __future__ import annotations
+
+import json
+
+import cli
+
+
+def test_demo_short_run(tmp_path, capsys):
+    out = tmp_path / "demo"
+    cli.main(["demo", "--output", str(out), "--steps", "10"])
+    printed = capsys.readouterr().out
+    assert "trained 10 steps" in printed and "demo done" in printed
+    ranks = json.loads((out / "run" / "rank_pattern.json").read_text())["ranks"]
+    assert sum(ranks.values()) == 4 * len(ranks)
+    assert (out / "run" / "adapter" / "adapter_config.json").is_file()
+    assert (out / "merged" / "config.json").is_file() and "merged vs base+adapter" in printed
+    assert (out / "onnx").is_dir() and "onnxruntime greedy: '12 15 18' -> " in printed
+    assert "skipped" not in printed  # every stage of the path exists now
