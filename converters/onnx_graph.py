@@ -1,0 +1,268 @@
+"""From a transformers model to an ONNX graph: low-rank branches, the traced wrapper and graph rewrites.
+
+The graph is traced with torch's TorchScript exporter (``dynamo=False``): on transformers 5 models it
+gives correct dynamic batch, sequence and cache axes (the export's own parity check runs several
+shapes) in about a second, where the dynamo exporter takes tens of seconds for the same tiny model.
+
+Tensors that must be named exactly in the graph (branch weights, hot-swappable head weights) are
+traced as graph *inputs* and turned into initializers afterwards, so their names and shapes are
+ours and never the exporter's: a rank-compact branch is an initializer pair
+``<module>.lora_down`` (in x r) and ``<module>.lora_up`` (r x out); an adapter input is the same
+pair kept as a graph input whose default is an empty (rank 0) initializer and whose rank axis is
+named after its own layer.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import os
+import tempfile
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+from onnx import numpy_helper
+from torch import nn
+
+from adalora_export.adapter import CompactAdapter
+from adalora_export.hf import CAUSAL_LM, ENCODER, SEQ_CLS
+
+DOWN = ".lora_down"
+UP = ".lora_up"
+DEFAULT_OPSET = 17
+MIN_OPSET, MAX_OPSET = 14, 20
+DATA_FILE = "model.onnx.data"
+# Kept in fp32 by the fp16 conversion: RMSNorm's mean of squares overflows or loses its digits in
+# fp16 (transformers upcasts it too); these ops are tiny next to the matmuls.
+FP32_OPS = ["Pow", "ReduceMean", "Sqrt", "Reciprocal"]
+
+
+class LowRankBranch(nn.Module):
+    """``base(x) + (x @ lora_down) @ lora_up``: one adapted layer, its scale folded into ``lora_down``."""
+
+    def __init__(self, base_layer: nn.Module, down: torch.Tensor, up: torch.Tensor):
+        super().__init__()
+        self.base_layer = base_layer
+        self.lora_down = nn.Parameter(down, requires_grad=False)  # in x r
+        self.lora_up = nn.Parameter(up, requires_grad=False)  # r x out
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.base_layer(x) + (x @ self.lora_down) @ self.lora_up
+
+
+def branch_weights(adapter: CompactAdapter, path: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(down, up) of module ``path``: down = (A * E * scale)^T (in x r), up = B^T (r x out), fp32."""
+    module = adapter.modules[path]
+    down = (module.A.float() * module.E.float() * adapter.scale).T.contiguous()
+    return down, module.B.float().T.contiguous()
+
+
+def rank_axis(path: str) -> str:
+    """The symbolic name of one layer's rank axis (one name per layer: onnxruntime's memory planner
+    fails when layers of different ranks share one)."""
+    return "rank_" + path.replace(".", "_")
+
+
+@dataclass
+class GraphSpec:
+    """What one graph takes and gives: data inputs, cache, swappable tensors, outputs and their axes."""
+
+    task: str
+    data_inputs: list[str]
+    outputs: list[str]
+    num_layers: int = 0  # cache layers (with_past only)
+    # parameters traced as graph inputs of the same name (branch weights, swappable head weights)
+    swappable: list[str] = field(default_factory=list)
+
+    @property
+    def with_past(self) -> bool:
+        return self.num_layers > 0
+
+    @property
+    def past_inputs(self) -> list[str]:
+        return [f"past_key_values.{i}.{kind}" for i in range(self.num_layers) for kind in ("key", "value")]
+
+    @property
+    def present_outputs(self) -> list[str]:
+        return [f"present.{i}.{kind}" for i in range(self.num_layers) for kind in ("key", "value")]
+
+    @property
+    def input_names(self) -> list[str]:
+        return self.data_inputs + self.past_inputs + self.swappable
+
+    @property
+    def output_names(self) -> list[str]:
+        return self.outputs + self.present_outputs
+
+    def dynamic_axes(self, swappable_axes: dict[str, dict[int, str]]) -> dict[str, dict[int, str]]:
+        axes: dict[str, dict[int, str]] = {}
+        for name in self.data_inputs:
+            axes[name] = {
+                0: "batch",
+                1: "total_sequence" if name == "attention_mask" and self.with_past else "sequence",
+            }
+        for name in self.past_inputs:
+            axes[name] = {0: "batch", 2: "past_sequence"}
+        for name in self.present_outputs:
+            axes[name] = {0: "batch", 2: "total_sequence"}
+        for name in self.outputs:
+            axes[name] = {0: "batch"} if self.task == SEQ_CLS else {0: "batch", 1: "sequence"}
+        axes.update(swappable_axes)
+        return axes
+
+
+def graph_spec(model: nn.Module, task: str, with_past: bool, swappable: list[str] | None = None) -> GraphSpec:
+    """The inputs and outputs of ``model``'s graph for ``task``."""
+    accepted = inspect.signature(model.forward).parameters
+    data = ["input_ids", "attention_mask"]
+    if task == CAUSAL_LM:
+        data.append("position_ids")
+    elif "token_type_ids" in accepted and getattr(model.config, "type_vocab_size", 0):
+        data.append("token_type_ids")
+    outputs = ["last_hidden_state"] if task == ENCODER else ["logits"]
+    layers = model.config.get_text_config().num_hidden_layers if with_past else 0
+    return GraphSpec(task, data, outputs, layers, list(swappable or []))
+
+
+class GraphWrapper(nn.Module):
+    """Flat tensors in, flat tensors out, in ``spec``'s order: what the tracer sees.
+
+    Swappable tensors arrive as inputs and stand in for the model's parameters of the same name
+    during the call, so the traced graph reads them from its inputs (``torch.func.functional_call``
+    does the same but refuses to run under the tracer).
+    """
+
+    def __init__(self, model: nn.Module, spec: GraphSpec):
+        super().__init__()
+        self.model = model
+        self.spec = spec
+
+    def forward(self, *flat: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        spec = self.spec
+        n_data, n_past = len(spec.data_inputs), len(spec.past_inputs)
+        kwargs = dict(zip(spec.data_inputs, flat[:n_data]))
+        if spec.with_past:
+            from transformers import DynamicCache
+
+            cache = DynamicCache(config=self.model.config)
+            past = flat[n_data : n_data + n_past]
+            for i in range(spec.num_layers):
+                cache.update(past[2 * i], past[2 * i + 1], i)
+            kwargs.update(cache=cache, use_cache=True)
+        elif spec.task == CAUSAL_LM:
+            kwargs["use_cache"] = False
+        swaps = dict(zip(spec.swappable, flat[n_data + n_past :]))
+        with _parameters_replaced(self.model, swaps):
+            out = self.model(**kwargs)
+        result = [out[spec.outputs[0]]]
+        if spec.with_past:
+            for layer in out.cache.layers[: spec.num_layers]:
+                result += [layer.keys, layer.values]
+        return tuple(result)
+
+
+@contextlib.contextmanager
+def _parameters_replaced(model: nn.Module, tensors: dict[str, torch.Tensor]) -> Iterator[None]:
+    """Let ``tensors`` stand in for the parameters of the same names, restoring them afterwards."""
+    saved = []
+    try:
+        for name, tensor in tensors.items():
+            owner_path, _, attr = name.rpartition(".")
+            owner = model.get_submodule(owner_path) if owner_path else model
+            saved.append((owner, attr, owner._parameters[attr]))
+            owner._parameters[attr] = tensor
+        yield
+    finally:
+        for owner, attr, param in reversed(saved):
+            owner._parameters[attr] = param
+
+
+def trace_to_onnx(
+    wrapper: GraphWrapper,
+    sample: list[torch.Tensor],
+    swappable_axes: dict[str, dict[int, str]],
+    opset: int,
+) -> onnx.ModelProto:
+    """Trace ``wrapper`` on ``sample`` into an in-memory ModelProto (weights loaded, not yet saved)."""
+    spec = wrapper.spec
+    with tempfile.TemporaryDirectory(prefix="adalora-onnx-") as tmp, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        path = os.path.join(tmp, "traced.onnx")
+        with torch.no_grad():
+            torch.onnx.export(
+                wrapper,
+                tuple(sample),
+                path,
+                dynamo=False,
+                input_names=spec.input_names,
+                output_names=spec.output_names,
+                dynamic_axes=spec.dynamic_axes(swappable_axes),
+                opset_version=opset,
+                do_constant_folding=True,
+            )
+        # Models over 2 GiB come out with external data beside ``path``: load it before tmp goes.
+        return onnx.load(path, load_external_data=True)
+
+
+def bind_inputs(model: onnx.ModelProto, constants: dict[str, np.ndarray], defaults: dict[str, np.ndarray]) -> None:
+    """Turn traced graph inputs into initializers (``constants``) or into inputs with a default (``defaults``)."""
+    graph = model.graph
+    inputs = {i.name for i in graph.input}
+    missing = [name for name in [*constants, *defaults] if name not in inputs]
+    if missing:
+        raise RuntimeError(f"the traced graph lost its inputs {missing[:3]}")
+    keep = [i for i in graph.input if i.name not in constants]
+    del graph.input[:]
+    graph.input.extend(keep)
+    for name, value in {**constants, **defaults}.items():
+        graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(value), name))
+
+
+def to_fp16(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Weights, compute and float inputs/outputs in fp16 (norm statistics stay fp32, see FP32_OPS)."""
+    from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return convert_float_to_float16(
+            model,
+            keep_io_types=False,
+            op_block_list=DEFAULT_OP_BLOCK_LIST + FP32_OPS,
+            # shape inference serializes the proto, which protobuf refuses past 2 GiB
+            disable_shape_infer=sum(t.ByteSize() for t in model.graph.initializer) > 2**31 - 2**26,
+        )
+
+
+def save_graph(model: onnx.ModelProto, directory: Path) -> Path:
+    """Write ``model.onnx`` with all weights in one external file ``model.onnx.data`` beside it."""
+    path = directory / "model.onnx"
+    onnx.save_model(
+        model,
+        str(path),
+        save_as_external_data=True,
+        all_tensors_to_one_file=True,
+        location=DATA_FILE,
+        size_threshold=1024,
+    )
+    return path
+
+
+def io_signature(model: onnx.ModelProto, exclude: set[str]) -> tuple[list[dict], list[dict]]:
+    """(inputs, outputs) of the graph as {name, dtype, shape} with symbolic axes as strings."""
+
+    def describe(value: onnx.ValueInfoProto) -> dict:
+        tensor = value.type.tensor_type
+        shape = [d.dim_param or d.dim_value for d in tensor.shape.dim]
+        return {
+            "name": value.name,
+            "dtype": onnx.helper.tensor_dtype_to_np_dtype(tensor.elem_type).name,
+            "shape": shape,
+        }
+
+    inputs = [describe(v) for v in model.graph.input if v.name not in exclude]
+    return inputs, [describe(v) for v in model.graph.output]

@@ -1,0 +1,337 @@
+"""Serving exported graphs with onnxruntime: one session, many requests.
+
+``OnnxServer(onnx_dir)`` holds the session, the tokenizer and (optionally) an active
+``.onnx_adapter``; ``generate`` for causal LMs (greedy or sampling, through the KV cache when the
+graph has one), ``classify`` and ``embed`` for encoders. Adapters are applied through
+``RunOptions.add_active_adapter`` on plain ``run`` (onnxruntime ignores active adapters in
+``run_with_iobinding``).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+from pathlib import Path
+
+import numpy as np
+
+from adalora_export.errors import UserError
+from adalora_export.hf import check_model_dir
+from adalora_export.io import read_json
+
+MANIFEST = "onnx_manifest.json"
+MODEL_FILE = "model.onnx"
+ADAPTER_FILE = "adapter.onnx_adapter"
+PROVIDERS = ("auto", "cuda", "cpu")
+_QUIET = 3  # onnxruntime log severity: errors only (no "initializer in graph inputs" warnings)
+
+
+def check_onnx_dir(onnx_dir: str | os.PathLike) -> tuple[Path, dict]:
+    """Validate an exported directory and return (model path, manifest).
+
+    Refuses a config that asks for remote code, and external-data locations that leave the directory
+    (``..``, absolute paths, symlinks) in any tensor of the graph (initializers, constants, subgraphs):
+    onnxruntime would otherwise read whatever file such a graph names.
+    """
+    import onnx
+
+    onnx_dir = Path(onnx_dir)
+    check_model_dir(onnx_dir)
+    model_path = onnx_dir / MODEL_FILE
+    if not model_path.is_file():
+        raise UserError(f"missing file {model_path}")
+    manifest = read_json(onnx_dir / MANIFEST)
+    try:
+        graph = onnx.load(str(model_path), load_external_data=False)
+    except Exception as exc:  # protobuf decode errors have several types
+        raise UserError(f"{model_path} is not a valid ONNX file ({str(exc).splitlines()[0]})") from None
+    root = onnx_dir.resolve()
+    for tensor in _all_tensors(graph):
+        if tensor.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        location = next((e.value for e in tensor.external_data if e.key == "location"), "")
+        target = onnx_dir / location
+        if (
+            not location
+            or os.path.isabs(location)
+            or ".." in Path(location).parts
+            or target.is_symlink()
+            or root not in target.resolve().parents
+        ):
+            raise UserError(
+                f"{model_path}: tensor {tensor.name} points at external data {location!r} outside {onnx_dir}"
+            )
+        if not target.is_file():
+            raise UserError(f"missing file {target} (external data of {model_path})")
+    return model_path, manifest
+
+
+def _all_tensors(model):
+    """Every TensorProto of a model: initializers, sparse ones, node attributes, subgraphs, functions."""
+
+    def of_nodes(nodes):
+        for node in nodes:
+            for attr in node.attribute:
+                if attr.HasField("t"):
+                    yield attr.t
+                yield from attr.tensors
+                for sparse in [attr.sparse_tensor] if attr.HasField("sparse_tensor") else []:
+                    yield from (sparse.values, sparse.indices)
+                for sub in [attr.g] if attr.HasField("g") else []:
+                    yield from of_graph(sub)
+                for sub in attr.graphs:
+                    yield from of_graph(sub)
+
+    def of_graph(graph):
+        yield from graph.initializer
+        for sparse in graph.sparse_initializer:
+            yield from (sparse.values, sparse.indices)
+        yield from of_nodes(graph.node)
+
+    yield from of_graph(model.graph)
+    for function in model.functions:
+        yield from of_nodes(function.node)
+
+
+def cuda_usable() -> bool:
+    """True when onnxruntime's CUDA provider would really load: a GPU, its driver and the CUDA libraries.
+
+    Checked quietly with the dynamic loader: onnxruntime-gpu itself logs errors when it tries and fails.
+    """
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        return False
+    try:
+        driver = ctypes.CDLL("libcuda.so.1")
+        count = ctypes.c_int(0)
+        if driver.cuInit(0) != 0 or driver.cuDeviceGetCount(ctypes.byref(count)) != 0 or count.value < 1:
+            return False
+        capi = Path(ort.__file__).parent / "capi"
+        ctypes.CDLL(str(capi / "libonnxruntime_providers_shared.so"), mode=ctypes.RTLD_GLOBAL)
+        ctypes.CDLL(str(capi / "libonnxruntime_providers_cuda.so"))
+    except (OSError, AttributeError):
+        return False
+    return True
+
+
+def create_session(model_path: str | os.PathLike, provider: str = "auto", threads: int | None = None):
+    """An InferenceSession on ``provider`` (auto: CUDA when it really loads, else the CPU, silently)."""
+    import onnxruntime as ort
+
+    if provider not in PROVIDERS:
+        raise UserError(f"unknown provider {provider!r}: expected one of {', '.join(PROVIDERS)}")
+    use_cuda = provider != "cpu" and cuda_usable()
+    if provider == "cuda" and not use_cuda:
+        raise UserError("--provider cuda: no usable CUDA GPU (driver, CUDA libraries or onnxruntime-gpu missing)")
+    options = ort.SessionOptions()
+    options.log_severity_level = _QUIET
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if threads:
+        options.intra_op_num_threads = threads
+    providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if use_cuda else ["CPUExecutionProvider"]
+    session = ort.InferenceSession(str(model_path), sess_options=options, providers=providers)
+    if provider == "cuda" and "CUDAExecutionProvider" not in session.get_providers():
+        raise UserError("--provider cuda: onnxruntime could not start its CUDA provider")
+    return session
+
+
+def _open_session(model_path: Path, provider: str, threads: int | None):
+    """``create_session`` for a graph handed to us: onnxruntime's refusal to load it (damaged or truncated
+    graph or weights) is bad input. (At export time the same failure would be our bug.)"""
+    from onnxruntime.capi import onnxruntime_pybind11_state as ort_errors
+
+    refused = (ort_errors.Fail, ort_errors.InvalidGraph, ort_errors.InvalidProtobuf, ort_errors.NoSuchFile)
+    try:
+        return create_session(model_path, provider, threads)
+    except refused as exc:
+        raise UserError(f"onnxruntime cannot load {model_path}: {str(exc).splitlines()[0]}") from None
+
+
+def load_onnx_adapter(path: str | os.PathLike):
+    """Memory-map an ``.onnx_adapter`` file as an ``onnxruntime.LoraAdapter``."""
+    import onnxruntime as ort
+
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"missing file {path}")
+    adapter = ort.LoraAdapter()
+    try:
+        adapter.Load(str(path))
+    except Exception as exc:
+        raise UserError(f"{path} is not a valid onnxruntime adapter file ({str(exc).splitlines()[0]})") from None
+    return adapter
+
+
+class OnnxServer:
+    """One onnxruntime session over an exported directory, for many requests."""
+
+    def __init__(
+        self,
+        onnx_dir: str | os.PathLike,
+        provider: str = "auto",
+        adapter: str | os.PathLike | None = None,
+        threads: int | None = None,
+    ):
+        self.onnx_dir = Path(onnx_dir)
+        model_path, self.manifest = check_onnx_dir(self.onnx_dir)
+        self.task = self.manifest["task"]
+        self.session = _open_session(model_path, provider, threads)
+        self._input_types = {i.name: i.type for i in self.session.get_inputs()}
+        self._float = np.float16 if self.manifest["dtype"] == "fp16" else np.float32
+        self._tokenizer = None
+        self._run_options = None
+        self.set_adapter(adapter)
+
+    @property
+    def provider(self) -> str:
+        return self.session.get_providers()[0]
+
+    @property
+    def with_past(self) -> bool:
+        return bool(self.manifest.get("with_past"))
+
+    def set_adapter(self, path: str | os.PathLike | None) -> None:
+        """Activate an ``.onnx_adapter`` for the following requests (None: the base model)."""
+        import onnxruntime as ort
+
+        if path is None:
+            self._run_options = None
+            return
+        if self.manifest["kind"] != "adapter_inputs":
+            raise UserError(f"{self.onnx_dir} was exported without --adapter-inputs; it takes no adapter file")
+        options = ort.RunOptions()
+        self._lora = load_onnx_adapter(path)  # keep it alive as long as the options use it
+        options.add_active_adapter(self._lora)
+        self._run_options = options
+
+    @property
+    def tokenizer(self):
+        if self._tokenizer is None:
+            from transformers import AutoTokenizer
+
+            try:
+                self._tokenizer = AutoTokenizer.from_pretrained(
+                    str(self.onnx_dir), local_files_only=True, trust_remote_code=False
+                )
+            except (OSError, ValueError) as exc:
+                raise UserError(f"no usable tokenizer in {self.onnx_dir}: {str(exc).splitlines()[0]}") from None
+        return self._tokenizer
+
+    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """One forward pass; only the inputs the graph takes are fed, with the active adapter if any."""
+        feeds = {name: value for name, value in feeds.items() if name in self._input_types}
+        outputs = self.session.run(None, feeds, self._run_options)
+        return dict(zip([o.name for o in self.session.get_outputs()], outputs))
+
+    # -- causal LMs --------------------------------------------------------------------------
+
+    def _step(self, ids: np.ndarray, mask: np.ndarray, past: list[np.ndarray] | None) -> tuple[np.ndarray, list]:
+        """Logits of the last position, and the new cache (when the graph has one)."""
+        total = mask.shape[1]
+        positions = np.arange(total - ids.shape[1], total, dtype=np.int64)[None, :].repeat(ids.shape[0], 0)
+        feeds = {"input_ids": ids, "attention_mask": mask, "position_ids": positions}
+        if self.with_past:
+            if past is None:
+                past = self._empty_past(ids.shape[0])
+            cache = self.manifest["cache"]
+            feeds.update(zip(cache["inputs"], past))
+        out = self.run(feeds)
+        presents = [out[name] for name in self.manifest["cache"]["outputs"]] if self.with_past else []
+        return out["logits"][:, -1].astype(np.float32), presents
+
+    def _empty_past(self, batch: int) -> list[np.ndarray]:
+        cache = self.manifest["cache"]
+        shape = (batch, cache["num_kv_heads"], 0, cache["head_dim"])
+        return [np.zeros(shape, self._float) for _ in cache["inputs"]]
+
+    def generate_ids(
+        self,
+        input_ids: list[int],
+        max_new_tokens: int = 32,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        seed: int | None = None,
+        use_cache: bool = True,
+    ) -> list[int]:
+        """New token ids after ``input_ids`` (stops after an end-of-sequence token, which is kept)."""
+        if self.task != "causal_lm":
+            raise UserError(f"{self.onnx_dir} holds a {self.task} graph; generation needs a causal LM")
+        if max_new_tokens < 0:
+            raise UserError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+        if do_sample and not temperature > 0:
+            raise UserError(f"temperature must be > 0, got {temperature}")
+        rng = np.random.default_rng(seed)
+        eos = set(self.manifest.get("eos_token_ids") or [])
+        sequence = list(input_ids)
+        past, new = None, []
+        cached = use_cache and self.with_past
+        for _ in range(max_new_tokens):
+            # With the cache, only the tokens the graph has not seen yet are fed.
+            fresh = sequence[len(sequence) - 1 :] if (cached and past is not None) else sequence
+            ids = np.asarray([fresh], dtype=np.int64)
+            mask = np.ones((1, len(sequence)), dtype=np.int64)
+            logits, presents = self._step(ids, mask, past if cached else None)
+            if cached:
+                past = presents
+            token = _pick(logits[0], do_sample, temperature, top_k, rng)
+            sequence.append(token)
+            new.append(token)
+            if token in eos:
+                break
+        return new
+
+    def generate(self, prompt: str, max_new_tokens: int = 32, **kwargs) -> str:
+        """The text generated after ``prompt`` (see ``generate_ids`` for the options)."""
+        ids = self.tokenizer(prompt)["input_ids"]
+        return self.tokenizer.decode(self.generate_ids(ids, max_new_tokens, **kwargs), skip_special_tokens=True)
+
+    # -- encoders and classifiers -------------------------------------------------------------
+
+    def _encode(self, texts: list[str]) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+        enc = self.tokenizer(texts, padding=True, return_tensors="np")
+        feeds = {name: np.asarray(value, dtype=np.int64) for name, value in enc.items()}
+        if "token_type_ids" in self._input_types and "token_type_ids" not in feeds:
+            feeds["token_type_ids"] = np.zeros_like(feeds["input_ids"])
+        return feeds, self.run(feeds)
+
+    def classify(self, text: str | list[str]) -> list[dict]:
+        """Per text: the predicted label, its probability and all probabilities by label."""
+        if self.task != "seq_cls":
+            raise UserError(f"{self.onnx_dir} holds a {self.task} graph; classify needs a sequence classifier")
+        texts = [text] if isinstance(text, str) else list(text)
+        _, out = self._encode(texts)
+        logits = out["logits"].astype(np.float64)
+        probs = np.exp(logits - logits.max(-1, keepdims=True))
+        probs /= probs.sum(-1, keepdims=True)
+        labels = self.manifest.get("labels") or {}
+        results = []
+        for row in probs:
+            names = [labels.get(str(i), str(i)) for i in range(len(row))]
+            best = int(row.argmax())
+            results.append({"label": names[best], "score": float(row[best]), "scores": dict(zip(names, row.tolist()))})
+        return results
+
+    def embed(self, text: str | list[str]) -> np.ndarray:
+        """Mean of the last hidden state over each text's tokens (sentence-transformers' pooling), fp32."""
+        if self.task != "encoder":
+            raise UserError(f"{self.onnx_dir} holds a {self.task} graph; embed needs an encoder")
+        texts = [text] if isinstance(text, str) else list(text)
+        feeds, out = self._encode(texts)
+        hidden = out["last_hidden_state"].astype(np.float32)
+        mask = feeds["attention_mask"][..., None].astype(np.float32)
+        return (hidden * mask).sum(1) / np.maximum(mask.sum(1), 1.0)
+
+
+def _pick(logits: np.ndarray, do_sample: bool, temperature: float, top_k: int | None, rng) -> int:
+    """Greedy argmax, or a draw from softmax(logits / temperature) over the top_k candidates."""
+    if not do_sample:
+        return int(np.argmax(logits))
+    scores = logits.astype(np.float64) / temperature
+    if top_k:
+        cutoff = np.partition(scores, -top_k)[-top_k] if top_k < scores.size else -np.inf
+        scores = np.where(scores >= cutoff, scores, -np.inf)
+    probs = np.exp(scores - scores.max())
+    probs /= probs.sum()
+    return int(rng.choice(scores.size, p=probs))
