@@ -68,7 +68,7 @@ def read_records(path: str | os.PathLike) -> list[tuple[int, dict]]:
     """(line number, record) for every non-blank line of a ``.jsonl`` or ``.txt`` file."""
     path = Path(path)
     if not path.is_file():
-        raise UserError(f"data file {path} does not exist")
+        raise UserError(f"data file {path} {'is a directory' if path.is_dir() else 'does not exist'}")
     if path.suffix not in (".jsonl", ".txt"):
         raise UserError(f"data file {path}: expected a .jsonl file (one JSON object per line) or a .txt file")
     records = []

@@ -8,12 +8,13 @@ from pathlib import Path
 from torch import nn
 
 from .errors import UserError
-from .io import read_json
+from .io import check_safetensors, read_json
 
 CAUSAL_LM = "causal_lm"
 SEQ_CLS = "seq_cls"
 ENCODER = "encoder"
 TASKS = (CAUSAL_LM, SEQ_CLS, ENCODER)
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 
 
 def check_model_dir(path: str | os.PathLike) -> dict:
@@ -39,16 +40,33 @@ def infer_task(config: dict) -> str:
     return ENCODER
 
 
-def load_pretrained(path: str | os.PathLike, task: str | None = None, **kwargs) -> nn.Module:
-    """Load a local HF model for ``task`` (default: from its architectures), offline, without remote code."""
+def load_pretrained(
+    path: str | os.PathLike, task: str | None = None, allow_pickle: bool = False, **kwargs
+) -> nn.Module:
+    """Load a local HF model for ``task`` (default: from its architectures), offline, without remote code.
+
+    Weights are read from safetensors; pickled weights (``pytorch_model.bin``) only with ``allow_pickle``.
+    """
+    from safetensors import SafetensorError
     from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification
 
     config = check_model_dir(path)
     task = task or infer_task(config)
     if task not in TASKS:
         raise UserError(f"unknown task {task!r}: expected one of {', '.join(TASKS)}")
+    if not allow_pickle:
+        names = [p.name for p in Path(path).iterdir() if p.suffix in PICKLE_SUFFIXES]
+        pickles = sorted(names, key=lambda name: (not name.startswith("pytorch_model"), name))  # weights first
+        if pickles and not any(p.suffix == ".safetensors" for p in Path(path).iterdir()):
+            raise UserError(
+                f"{Path(path) / pickles[0]} is a pickle file, read only with --allow-pickle "
+                "(then with weights_only=True); train needs safetensors weights"
+            )
+        kwargs["use_safetensors"] = True  # never fall back to unpickling
+    for weights in sorted(Path(path).glob("*.safetensors")):
+        check_safetensors(weights)  # a damaged file is named here; transformers' error would not name it
     cls = {CAUSAL_LM: AutoModelForCausalLM, SEQ_CLS: AutoModelForSequenceClassification, ENCODER: AutoModel}[task]
     try:
         return cls.from_pretrained(str(path), trust_remote_code=False, local_files_only=True, **kwargs)
-    except (OSError, ValueError, KeyError) as exc:
+    except (OSError, ValueError, KeyError, SafetensorError) as exc:  # missing, truncated or corrupt weights
         raise UserError(f"cannot load model from {path}: {str(exc).splitlines()[0]}") from None

@@ -31,12 +31,17 @@ DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
 _STALE = re.compile(r"(?:tmp|old)-(\d+)(?:-|$)")  # after ".NAME.": what atomic outputs name their siblings
 
 
-def check_output_path(path: str | os.PathLike, overwrite: bool) -> Path:
-    """Fail early (before any work) if ``path`` exists and may not be replaced, or cannot be created."""
+def check_output_path(path: str | os.PathLike, overwrite: bool, make_parents: bool = False) -> Path:
+    """Fail early (before any work) if ``path`` exists and may not be replaced, or cannot be created
+    (with ``make_parents``, missing parent directories will be created: their nearest existing one counts)."""
     path = Path(path)
     if path.exists() and not overwrite:
         raise UserError(f"output {path} already exists; pass --overwrite to replace it")
     parent = path.absolute().parent
+    while make_parents and not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if parent.exists() and not parent.is_dir():
+        raise UserError(f"cannot write {path}: {parent} is a file, not a directory")
     if not parent.is_dir():
         raise UserError(f"cannot write {path}: directory {parent} does not exist")
     if not os.access(parent, os.W_OK):

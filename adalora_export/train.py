@@ -29,7 +29,6 @@ import json
 import math
 import os
 import random
-import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -49,7 +48,7 @@ from .data import CAUSAL_LM, IGNORE, SEQ_CLS, Dataset, collate, detect_task, loa
 from .data import steps_per_epoch as count_steps_per_epoch
 from .errors import UserError
 from .hf import check_model_dir, infer_task, load_pretrained
-from .io import atomic_output_dir, read_json, write_json
+from .io import atomic_output_dir, atomic_output_file, check_output_path, read_json, write_json
 from .model import adapted_layers, inject_adapters, orthogonal_regularizer
 from .state import restore_model, save_adapter_state
 
@@ -198,10 +197,12 @@ def train(
     config = args.adalora_config()
     if not resume and run_dir.exists() and not overwrite:
         raise UserError(f"output {run_dir} already exists; pass --resume to continue it or --overwrite to start over")
+    if not resume:
+        check_output_path(run_dir, overwrite=True, make_parents=True)  # creatable (not under a file, writable)
 
     # ----------------------------------------------------------- 2. distributed
     dist = Distributed.start()
-    metrics_file = None
+    metrics_file = bar = None
     try:
         if resume:
             started_on = read_json(run_dir / RUN_ARGS).get("world_size", 1)
@@ -400,6 +401,8 @@ def train(
     finally:
         if metrics_file is not None:
             metrics_file.close()
+        if bar is not None:  # ends the bar's line, so that an error message gets its own
+            bar.close()
         dist.close()
 
 
@@ -443,10 +446,10 @@ def prepare_run_dir(run_dir: Path, args: TrainArgs, world_size: int, resume: boo
         tmp.write_text("".join(json.dumps(r) + "\n" for r in keep), encoding="utf-8")
         os.replace(tmp, run_dir / METRICS)
         return
-    if run_dir.exists() and overwrite:
-        shutil.rmtree(run_dir) if run_dir.is_dir() else run_dir.unlink()
-    run_dir.mkdir(parents=True)
-    write_json(run_dir / RUN_ARGS, {**dataclasses.asdict(args), "world_size": world_size})
+    run_dir.parent.mkdir(parents=True, exist_ok=True)
+    # Atomic: a kill leaves the old run (with --overwrite) or a new one that --resume continues, never half of either.
+    with atomic_output_dir(run_dir, overwrite=overwrite) as tmp:
+        write_json(tmp / RUN_ARGS, {**dataclasses.asdict(args), "world_size": world_size})
 
 
 # ============================================================================= setup
@@ -667,16 +670,15 @@ def write_outputs(run_dir: Path, model, config, allocator, args: TrainArgs, task
         task_type=task,
     )
     save_adapter(adapter, run_dir / "adapter", overwrite=True)
-    write_json(
-        run_dir / "rank_pattern.json",
-        {
-            "init_r": config.init_r,
-            "target_r": config.target_r,
-            "budget": allocator.target_budget,
-            "ranks": adapter.rank_pattern,
-            "rank_pattern": allocator.rank_pattern,
-        },
-    )
+    pattern = {
+        "init_r": config.init_r,
+        "target_r": config.target_r,
+        "budget": allocator.target_budget,
+        "ranks": adapter.rank_pattern,
+        "rank_pattern": allocator.rank_pattern,
+    }
+    with atomic_output_file(run_dir / "rank_pattern.json", overwrite=True) as tmp:
+        write_json(tmp, pattern)
     plot_rank_heatmap(adapter, run_dir / "rank_heatmap.png", overwrite=True)
     return [run_dir / "final", run_dir / "adapter", run_dir / "rank_pattern.json", run_dir / "rank_heatmap.png"]
 

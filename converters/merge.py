@@ -696,7 +696,7 @@ def merge_adapter_into_base(
         "verify_max_diff": None,
     }
     if verify:
-        report["verify_max_diff"] = verify_merge(adapter, base_dir, output)
+        report["verify_max_diff"] = verify_merge(adapter, base_dir, output, allow_pickle=allow_pickle)
     return report
 
 
@@ -741,12 +741,16 @@ def merge_into_base(
 
 @torch.no_grad()
 def verify_merge(
-    adapter: CompactAdapter, base_dir: str | os.PathLike, merged_dir: str | os.PathLike, batches: int = 3
+    adapter: CompactAdapter,
+    base_dir: str | os.PathLike,
+    merged_dir: str | os.PathLike,
+    batches: int = 3,
+    allow_pickle: bool = False,
 ) -> float:
     """Largest absolute difference of outputs (logits or hidden states) between base + adapter unmerged and
     the merged model, both run in fp32 on ``batches`` random sequences. One model in memory at a time."""
     task = adapter.task_type if adapter.task_type in TASKS else None  # else the base config's architecture
-    base = adapter.apply_to(load_pretrained(base_dir, task, dtype=torch.float32).eval())
+    base = adapter.apply_to(load_pretrained(base_dir, task, allow_pickle=allow_pickle, dtype=torch.float32).eval())
     text = base.config.get_text_config()
     length = min(16, getattr(text, "max_position_embeddings", None) or getattr(text, "n_positions", None) or 16)
     g = torch.Generator().manual_seed(0)

@@ -30,7 +30,9 @@ from onnx import numpy_helper
 from torch import nn
 
 from adalora_export.adapter import CompactAdapter
+from adalora_export.errors import UserError
 from adalora_export.hf import CAUSAL_LM, ENCODER, SEQ_CLS
+from adalora_export.io import disk_full, disk_full_message
 
 DOWN = ".lora_down"
 UP = ".lora_up"
@@ -193,7 +195,7 @@ def trace_to_onnx(
     with tempfile.TemporaryDirectory(prefix="adalora-onnx-") as tmp, warnings.catch_warnings():
         warnings.simplefilter("ignore")
         path = os.path.join(tmp, "traced.onnx")
-        with torch.no_grad():
+        with torch.no_grad(), _naming_a_full_disk(path):
             torch.onnx.export(
                 wrapper,
                 tuple(sample),
@@ -207,6 +209,18 @@ def trace_to_onnx(
             )
         # Models over 2 GiB come out with external data beside ``path``: load it before tmp goes.
         return onnx.load(path, load_external_data=True)
+
+
+@contextlib.contextmanager
+def _naming_a_full_disk(path: str) -> Iterator[None]:
+    """The trace goes through a file in the temporary directory (TMPDIR), not the output's disk: say so."""
+    try:
+        yield
+    except OSError as exc:
+        error = disk_full(exc)
+        if error is None:
+            raise
+        raise UserError(disk_full_message(error, path) + " (the temporary directory: set TMPDIR)") from None
 
 
 def bind_inputs(model: onnx.ModelProto, constants: dict[str, np.ndarray], defaults: dict[str, np.ndarray]) -> None:

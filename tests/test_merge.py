@@ -379,7 +379,7 @@ def test_failure_mid_merge_leaves_nothing(tmp_path, llama_pair, monkeypatch):
         return real(*args)
 
     monkeypatch.setattr(merge, "_merge_block", failing)
-    with pytest.raises(OSError, match="No space left"):
+    with pytest.raises(UserError, match="merged: No space left"):  # a full disk is bad input (exit 2)
         merge_adapter_into_base(adapter, base_dir, tmp_path / "merged", workers=2)
     assert not (tmp_path / "merged").exists() and leftovers(tmp_path, "merged") == []
 
