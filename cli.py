@@ -79,6 +79,10 @@ _TRAIN_OPTIONS = [
     ("adalora_beta1", dict(type=float, default=0.85, show_default=True, help="EMA factor of sensitivity.")),
     ("adalora_beta2", dict(type=float, default=0.85, show_default=True, help="EMA factor of uncertainty.")),
     ("adalora_orth_reg_weight", dict(type=float, default=0.5, show_default=True, help="Orthogonal term weight.")),
+    (
+        "adalora_final_orth_reg_weight",
+        dict(type=float, default=None, help="Orthogonal weight once ranks are frozen (default: same)."),
+    ),
 ]
 
 

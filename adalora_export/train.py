@@ -94,6 +94,7 @@ class TrainArgs:
     adalora_beta1: float = 0.85
     adalora_beta2: float = 0.85
     adalora_orth_reg_weight: float = 0.5
+    adalora_final_orth_reg_weight: float | None = None  # option beyond the paper (BENCHMARKS.md)
 
     def adalora_config(self) -> AdaLoraConfig:
         """The AdaLoRA config of these options (validated: bad values are UserErrors)."""
@@ -111,6 +112,7 @@ class TrainArgs:
             beta1=self.adalora_beta1,
             beta2=self.adalora_beta2,
             orth_reg_weight=self.adalora_orth_reg_weight,
+            final_orth_reg_weight=self.adalora_final_orth_reg_weight,
             lora_alpha=self.lora_alpha,
             lora_dropout=self.lora_dropout,
             target_modules=self.target_modules,
@@ -321,7 +323,7 @@ def train(
                     if i == 0:  # the orthogonal term enters each optimizer step once (fp32, outside autocast)
                         with torch.autocast(device.type, enabled=False):
                             orth = orthogonal_regularizer(net)
-                        loss = loss + config.orth_reg_weight * orth
+                        loss = loss + allocator.orth_reg_weight * orth
                     (scaler.scale(loss) if scaler else loss).backward()
                 loss_sum += task_sum.detach().float()
             step_loss = (dist.sum(loss_sum) / items.clamp(min=1)).item()

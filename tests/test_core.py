@@ -293,3 +293,17 @@ def test_allocator_state_dict_round_trip_resumes_identically():
     assert all(torch.equal(x, y) for x, y in zip(alloc_c.exp_avg_ipt, alloc_a.exp_avg_ipt))
     assert alloc_c.mask_to_budget(5).keys() == alloc_a.mask_to_budget(5).keys()
     assert alloc_c.current_mask == alloc_a.current_mask
+
+
+def test_final_orth_reg_weight_option_switches_only_after_the_pattern_is_frozen():
+    paper = AdaLoraConfig(init_r=4, target_r=2, tinit=1, tfinal=3, target_modules=["q_proj"])
+    option = AdaLoraConfig(init_r=4, target_r=2, tinit=1, tfinal=3, target_modules=["q_proj"], final_orth_reg_weight=0)
+    seen = []
+    for config in (paper, option):
+        model = tiny_llama()
+        inject_adapters(model, config)
+        train(model, config, total=8, on_step=lambda s, r, alloc, o: seen.append((s, alloc.orth_reg_weight)))
+    assert [w for _, w in seen[:8]] == [0.5] * 8  # the paper's weight throughout
+    assert [w for _, w in seen[8:]] == [0.5] * 4 + [0.0] * 4  # 0 from the final step (5) on
+    with pytest.raises(UserError, match="final_orth_reg_weight"):
+        AdaLoraConfig(final_orth_reg_weight=-1.0)
