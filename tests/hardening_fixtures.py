@@ -30,6 +30,7 @@ TRAIN_FLAGS = [
     *("--save_steps", "2", "--keep_checkpoints", "0", "--adalora_init_r", "4", "--adalora_target_r", "2"),
     *("--adalora_tinit", "2", "--adalora_tfinal", "4", "--adalora_deltaT", "2", "--lora_alpha", "16"),
 ]
+CHILD_WATCHDOG_S = 240  # a child still running after this dumps its stack into its log and exits
 SERVER_ENV = {
     "OMP_NUM_THREADS": "1",
     "MKL_NUM_THREADS": "1",
@@ -223,7 +224,9 @@ class ForkServer:
         ready, _, _ = select.select([self.proc.stdout], [], [], timeout)
         if not ready:
             self.close()
-            raise TimeoutError(f"fork server gave no answer in {timeout} s")
+            log = self.log_dir / f"run-{self.count}.log"
+            tail = log.read_text(errors="replace")[-4000:] if log.exists() else "(no log)"
+            raise TimeoutError(f"fork server gave no answer in {timeout} s; the child's log ends:\n{tail}")
         line = self.proc.stdout.readline()
         if not line:
             raise RuntimeError(f"fork server exited with code {self.proc.wait()}")
@@ -241,7 +244,9 @@ class ForkServer:
 
 def _serve() -> None:
     """The server loop: one JSON request per stdin line, one JSON reply per stdout line."""
+    import faulthandler
     import signal
+    import threading
 
     sys.path.insert(0, str(ROOT))
     os.chdir(ROOT)
@@ -283,10 +288,15 @@ def _serve() -> None:
         if pid == 0:  # the child: run the command, never return into the loop
             code = 1
             try:
+                # tqdm's default write lock holds a multiprocessing semaphore, which forked children share:
+                # a child killed while writing its bar would leave it taken, and the next child would hang.
+                tqdm.tqdm.set_lock(threading.RLock())
                 fd = os.open(request["log"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
                 os.dup2(fd, 1)
                 os.dup2(fd, 2)
                 os.close(fd)
+                # A hang shows where it happened (in the log) and ends the child instead of stalling the test.
+                faulthandler.dump_traceback_later(CHILD_WATCHDOG_S, exit=True)
                 sys.stdin = open(os.devnull)
                 if request.get("fsize") is not None:
                     import resource
