@@ -83,6 +83,16 @@ _TRAIN_OPTIONS = [
         "adalora_final_orth_reg_weight",
         dict(type=float, default=None, help="Orthogonal weight once ranks are frozen (default: same)."),
     ),
+    (
+        "adalora_preset",
+        dict(
+            type=click.Choice(["paper", "recommended"]),
+            default="paper",
+            show_default=True,
+            help="paper: the schedule as given. recommended: tinit 10%, tfinal 50% of the steps, no orthogonal "
+            "term once ranks are frozen (BENCHMARKS.md).",
+        ),
+    ),
 ]
 
 

@@ -2,7 +2,7 @@
 
 from .adapter import CompactAdapter, ModuleAdapter
 from .allocator import Allocation, RankAllocator, shrink_to_rank_pattern
-from .config import AdaLoraConfig
+from .config import AdaLoraConfig, recommended_schedule
 from .errors import UserError
 from .layer import SVDLinear
 from .model import (
@@ -29,6 +29,7 @@ __all__ = [
     "inject_adapters",
     "merge_adapters",
     "orthogonal_regularizer",
+    "recommended_schedule",
     "shrink_to_rank_pattern",
     "trainable_parameters",
     "unmerge_adapters",

@@ -102,17 +102,27 @@ def trainable_parameters(model: nn.Module) -> tuple[int, int]:
 
 
 def orthogonal_regularizer(model: nn.Module) -> torch.Tensor:
-    """R = mean over adapted A and B of ||A A^T - I||_F and ||B^T B - I||_F (rank-0 layers excluded)."""
-    terms = []
+    """R = mean over adapted A and B of ||A A^T - I||_F and ||B^T B - I||_F (rank-0 layers excluded).
+
+    Matrices of one shape (A is r x in, B^T is r x out) are stacked and reduced in one batched
+    product: a model has dozens of adapted layers but a handful of shapes, and on small matrices the
+    per-layer products, subtractions and norms (and their backward) cost more in dispatch than in
+    arithmetic. The value is the per-layer one up to float summation order.
+    """
+    groups: dict[tuple, list[torch.Tensor]] = {}
     for _, layer in adapted_layers(model):
         if layer.rank == 0:
             continue
-        eye = torch.eye(layer.rank, device=layer.lora_A.device, dtype=layer.lora_A.dtype)
-        terms.append(torch.linalg.matrix_norm(layer.lora_A @ layer.lora_A.T - eye))
-        terms.append(torch.linalg.matrix_norm(layer.lora_B.T @ layer.lora_B - eye))
-    if not terms:
+        for m in (layer.lora_A, layer.lora_B.T):  # B^T B = (B^T)(B^T)^T
+            groups.setdefault((m.shape, m.dtype, m.device), []).append(m)
+    if not groups:
         return torch.zeros(())
-    return torch.stack(terms).mean()
+    norms = []
+    for (shape, dtype, device), mats in groups.items():
+        stacked = torch.stack(mats)
+        eye = torch.eye(shape[0], dtype=dtype, device=device)
+        norms.append(torch.linalg.matrix_norm(stacked @ stacked.transpose(1, 2) - eye))
+    return torch.cat(norms).mean()
 
 
 def merge_adapters(model: nn.Module) -> None:

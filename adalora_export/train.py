@@ -43,7 +43,7 @@ from tqdm import tqdm
 from . import checkpoint as ckpt
 from .adapter import CompactAdapter
 from .allocator import Allocation, RankAllocator
-from .config import AdaLoraConfig
+from .config import PRESETS, AdaLoraConfig, recommended_schedule
 from .data import CAUSAL_LM, IGNORE, SEQ_CLS, Dataset, collate, detect_task, load_dataset, shard, step_indices
 from .data import steps_per_epoch as count_steps_per_epoch
 from .errors import UserError
@@ -95,28 +95,46 @@ class TrainArgs:
     adalora_beta2: float = 0.85
     adalora_orth_reg_weight: float = 0.5
     adalora_final_orth_reg_weight: float | None = None  # option beyond the paper (BENCHMARKS.md)
+    adalora_preset: str = "paper"  # paper | recommended (config.recommended_schedule)
 
-    def adalora_config(self) -> AdaLoraConfig:
-        """The AdaLoRA config of these options (validated: bad values are UserErrors)."""
+    def adalora_config(self, total_step: int | None = None) -> AdaLoraConfig:
+        """The AdaLoRA config of these options (validated: bad values are UserErrors). Given the run's
+        ``total_step``, the preset's schedule is applied and checked against it."""
+        if self.adalora_preset not in PRESETS:
+            raise UserError(f"--adalora_preset must be one of {', '.join(PRESETS)}, got {self.adalora_preset!r}")
+        preset = {}
+        if self.adalora_preset == "recommended":
+            if self.adalora_tinit or self.adalora_tfinal:
+                raise UserError(
+                    "--adalora_preset recommended sets tinit and tfinal itself; drop --adalora_tinit/tfinal"
+                )
+            preset = recommended_schedule(total_step or 1)
+            if self.adalora_final_orth_reg_weight is not None:  # an explicit weight wins over the preset's
+                preset["final_orth_reg_weight"] = self.adalora_final_orth_reg_weight
         if self.train_type != "adalora":
             raise UserError(
                 f"train_type {self.train_type!r} is not trained here: use adalora (for a fixed-rank baseline, "
                 "set --adalora_target_r equal to --adalora_init_r)"
             )
+        options = {
+            "tinit": self.adalora_tinit,
+            "tfinal": self.adalora_tfinal,
+            "final_orth_reg_weight": self.adalora_final_orth_reg_weight,
+            **preset,
+        }
         return AdaLoraConfig(
             target_r=self.adalora_target_r,
             init_r=self.adalora_init_r,
-            tinit=self.adalora_tinit,
-            tfinal=self.adalora_tfinal,
             deltaT=self.adalora_deltaT,
             beta1=self.adalora_beta1,
             beta2=self.adalora_beta2,
             orth_reg_weight=self.adalora_orth_reg_weight,
-            final_orth_reg_weight=self.adalora_final_orth_reg_weight,
             lora_alpha=self.lora_alpha,
             lora_dropout=self.lora_dropout,
             target_modules=self.target_modules,
             train_type=self.train_type,
+            total_step=total_step,
+            **options,
         )
 
     def check(self) -> None:
@@ -241,8 +259,7 @@ def train(
                 f"(batch_size x grad_accum x ranks = {global_batch}); lower --batch_size or --grad_accum"
             )
         total_step = args.max_steps or (args.epochs or 1) * per_epoch
-        config.check_schedule(total_step)
-        config.total_step = total_step
+        config = args.adalora_config(total_step)  # the preset's schedule, checked against the run's length
         warmup = math.ceil(args.warmup_ratio * total_step)
 
         net = load_model(args.model, task, train_set, device, amp_dtype)

@@ -16,6 +16,7 @@ from adalora_export.checkpoint import list_checkpoints, load_checkpoint
 from adalora_export.demo import write_toy_model
 from adalora_export.errors import UserError
 from adalora_export.formats import load_adapter
+from adalora_export.state import load_adapter_state
 from adalora_export.train import train
 
 WORDS = "the a cat dog bird sat ran flew on under over mat tree house fast slow red blue big small".split()
@@ -258,3 +259,24 @@ def test_other_decoders_chat_and_classification(tmp_path, arch):
     adapter = load_adapter(tmp_path / "cls" / "adapter")
     assert adapter.task_type == "seq_cls" and set(adapter.extra_weights) == {"score.weight"}
     assert adapter.extra_weights["score.weight"].shape == (2, 32)
+
+
+def test_recommended_preset_sets_the_schedule_from_the_run_length(tmp_path, llama_dir, data_file):
+    out = tmp_path / "run"
+    schedule = dict(adalora_tinit=0, adalora_tfinal=0, adalora_preset="recommended")
+    run(out, llama_dir, data_file, max_steps=20, save_steps=0, **schedule)
+    config = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    assert (config["tinit"], config["tfinal"], config["total_step"]) == (2, 10, 20)  # 10% and 50% of 20 steps
+    records = [r for r in metrics_without_times(out) if "budget" in r]
+    frozen = [r["step"] for r in records if r["final"]]
+    assert frozen == list(range(10, 21))  # the ranks freeze at total_step - tfinal, and stay frozen
+    assert records[0]["budget"] == records[1]["budget"] > records[2]["budget"]  # the budget falls after tinit
+    assert load_adapter_state(out / "final").config.final_orth_reg_weight == 0.0  # no orthogonal term once frozen
+
+
+def test_recommended_preset_refuses_an_explicit_schedule(tmp_path, capsys, llama_dir, data_file):
+    out = tmp_path / "run"
+    argv = ["train", "--model", str(llama_dir), "--data", str(data_file), "--output", str(out), "--max_steps", "12"]
+    assert cli_exit(argv + ["--adalora_preset", "recommended", "--adalora_tinit", "3"]) == 2
+    assert "sets tinit and tfinal itself" in capsys.readouterr().err
+    assert not out.exists()
