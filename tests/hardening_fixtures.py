@@ -242,11 +242,29 @@ class ForkServer:
                 self.proc.wait()
 
 
+def _fresh_tqdm_locks() -> None:
+    """Give this (forked) process tqdm write locks of its own.
+
+    tqdm's default lock holds one multiprocessing semaphore for every tqdm class (transformers'
+    progress bars included), and forked children share it: a child killed while drawing a bar
+    leaves it taken, and the next child hangs on its first bar. Without the semaphore, tqdm falls
+    back to a thread lock, and each class builds its lock anew on first use.
+    """
+    import tqdm.std
+
+    tqdm.std.TqdmDefaultWriteLock.mp_lock = None
+    classes = [tqdm.std.tqdm]
+    while classes:
+        cls = classes.pop()
+        classes.extend(cls.__subclasses__())
+        if "_lock" in cls.__dict__:
+            delattr(cls, "_lock")
+
+
 def _serve() -> None:
     """The server loop: one JSON request per stdin line, one JSON reply per stdout line."""
     import faulthandler
     import signal
-    import threading
 
     sys.path.insert(0, str(ROOT))
     os.chdir(ROOT)
@@ -288,9 +306,7 @@ def _serve() -> None:
         if pid == 0:  # the child: run the command, never return into the loop
             code = 1
             try:
-                # tqdm's default write lock holds a multiprocessing semaphore, which forked children share:
-                # a child killed while writing its bar would leave it taken, and the next child would hang.
-                tqdm.tqdm.set_lock(threading.RLock())
+                _fresh_tqdm_locks()
                 fd = os.open(request["log"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
                 os.dup2(fd, 1)
                 os.dup2(fd, 2)

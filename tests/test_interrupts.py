@@ -121,7 +121,8 @@ def test_merge_killed_at_random_points(server, inputs, work):
     # A rerun after the kills: never blocked, same bytes, and the killed writers' temporaries are gone.
     if out.exists():
         os.rename(out, work / "merge-moved")
-    assert server.run(argv(out))["code"] == 0
+    rerun = server.run(argv(out))
+    assert rerun["code"] == 0, rerun["log"]
     assert relative_digest(out) == relative_digest(reference)
     assert leftovers(out) == []
     assert load_file(out / "model.safetensors").keys() == load_file(reference / "model.safetensors").keys()
@@ -142,7 +143,8 @@ def test_onnx_export_killed_at_random_points(server, inputs, work):
     if out.exists():  # complete: onnxruntime loads it, external data and all
         ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
         os.rename(out, work / "onnx-moved")
-    assert server.run(argv(out))["code"] == 0
+    rerun = server.run(argv(out))
+    assert rerun["code"] == 0, rerun["log"]
     assert relative_digest(out) == relative_digest(reference)
     assert leftovers(out) == []
 
@@ -214,3 +216,41 @@ def test_next_write_removes_siblings_of_killed_writers(tmp_path):
     assert not any(path.exists() for path in stale)
     assert live.exists() and other.exists()
     assert remove_stale_siblings(out) == []
+
+
+def test_a_child_killed_mid_bar_does_not_block_the_next_one():
+    """The fork server's children share tqdm's semaphore unless _fresh_tqdm_locks runs: a child killed
+    while drawing a progress bar (transformers' "Loading weights" included) must not hang the next."""
+    import signal
+
+    import tqdm.auto
+    from hardening_fixtures import _fresh_tqdm_locks
+    from transformers.utils import logging as hf_logging
+
+    with open(os.devnull, "w") as null:
+        for make in (tqdm.auto.tqdm, hf_logging.tqdm):  # build the locks in the parent, as the warm-up does
+            make(total=1, file=null).close()
+    holder = os.fork()
+    if holder == 0:
+        _fresh_tqdm_locks()
+        tqdm.auto.tqdm.get_lock().acquire()
+        time.sleep(60)
+        os._exit(0)
+    time.sleep(0.3)
+    os.kill(holder, signal.SIGKILL)
+    os.waitpid(holder, 0)
+    child = os.fork()
+    if child == 0:
+        _fresh_tqdm_locks()
+        with open(os.devnull, "w") as null:
+            hf_logging.tqdm(total=1, file=null).close()
+            tqdm.auto.tqdm(total=1, file=null).close()
+        os._exit(0)
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and os.waitpid(child, os.WNOHANG)[0] == 0:
+        time.sleep(0.02)
+    finished = time.monotonic() < deadline
+    if not finished:
+        os.kill(child, signal.SIGKILL)
+        os.waitpid(child, 0)
+    assert finished, "the next child hung on tqdm's lock"

@@ -26,10 +26,13 @@ class Snapshot(TrainerCallback):
             self.params = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" in n}
 
 
-def test_trainer_run_reaches_the_target_budget(tmp_path):
+@pytest.mark.parametrize("final_orth", [None, 0.0], ids=["paper", "no-final-orth"])
+def test_trainer_run_reaches_the_target_budget(tmp_path, final_orth):
     base = write_toy_model(tmp_path / "base", WORDS, hidden=32, layers=2)
     model = load_pretrained(base)
-    config = AdaLoraConfig(init_r=6, target_r=2, tinit=2, tfinal=4, deltaT=2, lora_alpha=16)
+    config = AdaLoraConfig(
+        init_r=6, target_r=2, tinit=2, tfinal=4, deltaT=2, lora_alpha=16, final_orth_reg_weight=final_orth
+    )
     inject_adapters(model, config)
     g = torch.Generator().manual_seed(0)
     starts = torch.randint(0, 30, (64,), generator=g)
@@ -78,3 +81,9 @@ def test_trainer_run_reaches_the_target_budget(tmp_path):
     torch.testing.assert_close(
         saved.modules["model.layers.0.self_attn.q_proj"].E, lora["model.layers.0.self_attn.q_proj.lora_E"]
     )
+
+    # Once the ranks are frozen, the loss carries the final phase's orthogonal weight.
+    frozen_weight = config.orth_reg_weight if final_orth is None else final_orth
+    with torch.no_grad():
+        expected = model(**batch).loss + frozen_weight * orthogonal_regularizer(model)
+        assert trainer.compute_loss(model, batch) == pytest.approx(float(expected), rel=1e-6)
