@@ -11,6 +11,7 @@ import sys
 
 import click
 
+from adalora_export.config import PRESETS
 from adalora_export.errors import UserError
 from adalora_export.io import disk_full, disk_full_message
 
@@ -86,7 +87,7 @@ _TRAIN_OPTIONS = [
     (
         "adalora_preset",
         dict(
-            type=click.Choice(["paper", "recommended"]),
+            type=click.Choice(PRESETS),
             default="paper",
             show_default=True,
             help="paper: the schedule as given. recommended: tinit 10%, tfinal 50% of the steps, no orthogonal "
