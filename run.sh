@@ -11,8 +11,13 @@ setup() {
   local stamp=".venv/.installed-$(cat pyproject.toml | sha1sum | cut -c1-12)"
   if [ ! -f "$stamp" ]; then
     .venv/bin/python -m pip install -q --upgrade pip
-    # torch's CPU build first: a bare "torch" requirement on a fresh venv can pull a multi-GB CUDA build.
-    .venv/bin/python -m pip install -q "torch==2.13.0"
+    # torch first, chosen on purpose: the CPU build (+cpu) where no NVIDIA GPU answers, the default
+    # (CUDA) build where one does. A bare "torch" requirement would pull a multi-GB CUDA build anywhere.
+    if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
+      .venv/bin/python -m pip install -q "torch==2.13.0"
+    else
+      .venv/bin/python -m pip install -q "torch==2.13.0+cpu"
+    fi
     .venv/bin/python -m pip install -q -e ".[test]"
     touch "$stamp"
   fi

@@ -201,7 +201,7 @@ def _run_demo(output: str | None, steps: int | None, overwrite: bool) -> dict:
     for path, rank in result.ranks.items():
         print(f"  {path:40s} {rank:2d} {'#' * rank}")
 
-    merge = _optional("converters.merge", "merge_into_base")
+    merge = _optional("adalora_export.converters.merge", "merge_into_base")
     if merge is None:
         summary["skipped"].append("merge into the base (converters.merge not available)")
     else:
@@ -229,14 +229,14 @@ def _run_demo(output: str | None, steps: int | None, overwrite: bool) -> dict:
 
 def _onnx_steps(root: Path, adapter_dir: Path, base: Path, summary: dict) -> list[str]:
     """ONNX export of the merged model and a greedy generation with onnxruntime, where available."""
-    export = _optional("converters.onnx_export", "export_onnx")
+    export = _optional("adalora_export.converters.onnx_export", "export_onnx")
     if export is None:
         return ["ONNX export (converters.onnx_export not available)", "onnxruntime generation"]
     onnx_dir = root / "onnx"
     manifest = export(adapter_dir, onnx_dir, base=base, merge=True, with_past=True)
     summary["files"].append(str(onnx_dir))
     summary["onnx_max_relative_error"] = manifest.get("parity", {}).get("max_relative_error")
-    server_class = _optional("converters.serving", "OnnxServer")
+    server_class = _optional("adalora_export.converters.serving", "OnnxServer")
     if server_class is None:
         return ["onnxruntime generation (converters.serving not available)"]
     prompt = "12 15 18"

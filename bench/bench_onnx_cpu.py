@@ -34,9 +34,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from adalora_export import AdaLoraConfig, CompactAdapter, ModuleAdapter  # noqa: E402
+from adalora_export.converters.onnx_export import export_adapter_onnx  # noqa: E402
+from adalora_export.converters.serving import create_session  # noqa: E402
 from adalora_export.model import DEFAULT_TARGET_MODULES, find_target_paths, unwrap_adapters  # noqa: E402
-from converters.onnx_export import export_adapter_onnx  # noqa: E402
-from converters.serving import create_session  # noqa: E402
 
 SEQ = 128
 BATCHES = (1, 8)

@@ -30,9 +30,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench_onnx_cpu import adapter_for, llama  # noqa: E402
 
+from adalora_export.converters.onnx_export import export_adapter_onnx  # noqa: E402
+from adalora_export.converters.serving import create_session, cuda_usable  # noqa: E402
 from adalora_export.model import unwrap_adapters  # noqa: E402
-from converters.onnx_export import export_adapter_onnx  # noqa: E402
-from converters.serving import create_session, cuda_usable  # noqa: E402
 
 
 def ort_generate(

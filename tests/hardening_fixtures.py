@@ -279,14 +279,14 @@ def _serve() -> None:
     import transformers.models.gpt2.modeling_gpt2  # noqa: F401
     import transformers.models.llama.modeling_llama  # noqa: F401
 
+    import adalora_export.converters.lora  # noqa: F401
+    import adalora_export.converters.merge  # noqa: F401
+    import adalora_export.converters.onnx_export  # noqa: F401
+    import adalora_export.converters.serving  # noqa: F401
     import adalora_export.prune  # noqa: F401
     import adalora_export.report  # noqa: F401
     import adalora_export.train  # noqa: F401
-    import cli
-    import converters.lora  # noqa: F401
-    import converters.merge  # noqa: F401
-    import converters.onnx_export  # noqa: F401
-    import converters.serving  # noqa: F401
+    from adalora_export import cli
 
     tqdm.tqdm.monitor_interval = 0  # no monitor thread (see above)
     out = sys.stdout

@@ -249,7 +249,7 @@ BAD = {
 
 @pytest.mark.parametrize("kind", sorted(BAD))
 def test_bad_adapter_exits_2_naming_the_problem_and_writes_nothing(kind, llama_run, tmp_path, capsys):
-    from cli import main
+    from adalora_export.cli import main
 
     _, adapter = llama_run
     d, out = tmp_path / "bad", tmp_path / "out"

@@ -37,7 +37,7 @@ from hardening_fixtures import (
 )
 from safetensors.torch import load_file, save_file
 
-import cli
+from adalora_export import cli
 from adalora_export.checkpoint import list_checkpoints, load_checkpoint
 
 PROGRESS = re.compile(r"\d+%\|.*\|")  # a tqdm bar: "desc:  17%|█▋        | 1/6 [00:00<00:01, ...]"

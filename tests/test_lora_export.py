@@ -10,8 +10,8 @@ from models import LLAMA_TARGETS, tiny_gpt2, tiny_llama, train_adalora
 from safetensors.torch import load_file
 
 from adalora_export import AdaLoraConfig, CompactAdapter, UserError
+from adalora_export.converters.lora import export_lora
 from adalora_export.formats import ADAPTER_CONFIG, ADAPTER_WEIGHTS, PREFIX, save_adapter
-from converters.lora import export_lora
 
 peft = pytest.importorskip("peft")
 
@@ -32,7 +32,7 @@ def trained(request):
 def test_peft_lora_gives_the_adalora_outputs(trained, tmp_path, capsys):
     name, model, adapter = trained
     save_adapter(adapter, tmp_path / "adalora")
-    from cli import main
+    from adalora_export.cli import main
 
     main(["export", str(tmp_path / "adalora"), "--to", "lora", "--output", str(tmp_path / "lora")])
     config = json.loads((tmp_path / "lora" / ADAPTER_CONFIG).read_text())

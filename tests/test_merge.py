@@ -18,12 +18,11 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-import cli
-from adalora_export import AdaLoraConfig, CompactAdapter, ModuleAdapter, UserError
+from adalora_export import AdaLoraConfig, CompactAdapter, ModuleAdapter, UserError, cli
+from adalora_export.converters import merge
+from adalora_export.converters.merge import merge_adapter_into_base, resolve_tensor_name
 from adalora_export.formats import load_adapter, save_adapter
 from adalora_export.model import find_target_paths
-from converters import merge
-from converters.merge import merge_adapter_into_base, resolve_tensor_name
 
 ROOT = Path(__file__).resolve().parent.parent
 GPT2_TARGETS = ["c_attn", "c_proj", "c_fc"]
@@ -391,7 +390,7 @@ SCRIPT = textwrap.dedent(
     import torch
     from safetensors import safe_open
     from adalora_export import AdaLoraConfig, CompactAdapter, ModuleAdapter
-    from converters import merge
+    from adalora_export.converters import merge
 
     def status(key):
         return int(open("/proc/self/status").read().split(key + ":")[1].split()[0]) * 1024

@@ -12,13 +12,13 @@ import torch
 from models import LLAMA_TARGETS, tiny_gpt2, tiny_llama
 
 from adalora_export import AdaLoraConfig, CompactAdapter, ModuleAdapter
+from adalora_export.cli import main
+from adalora_export.converters.onnx_export import export_adapter_onnx, write_onnx_adapter
+from adalora_export.converters.serving import ADAPTER_FILE, MANIFEST, OnnxServer
 from adalora_export.errors import UserError
 from adalora_export.formats import save_adapter
 from adalora_export.hf import load_pretrained
 from adalora_export.model import find_target_paths
-from cli import main
-from converters.onnx_export import export_adapter_onnx, write_onnx_adapter
-from converters.serving import ADAPTER_FILE, MANIFEST, OnnxServer
 
 GPT2_TARGETS = ["c_attn", "c_proj", "c_fc"]
 MINILM_TARGETS = ["query", "value", "intermediate.dense", "output.dense"]

@@ -43,7 +43,7 @@ def run_dir(tmp_path_factory):
 
 def cli(*args, expect=0):
     """Run the CLI in-process; returns (stdout, stderr)."""
-    from cli import main
+    from adalora_export.cli import main
 
     try:
         main(list(args))

@@ -11,12 +11,12 @@ import torch
 from models import LLAMA_TARGETS, tiny_llama
 from test_onnx_export import make_adapter, run_cli, save_base, torch_forward
 
+from adalora_export.converters.onnx_export import export_adapter_onnx
+from adalora_export.converters.serving import ADAPTER_FILE, OnnxServer, cuda_usable
 from adalora_export.errors import UserError
 from adalora_export.formats import save_adapter
 from adalora_export.hf import load_pretrained
 from adalora_export.model import unwrap_adapters
-from converters.onnx_export import export_adapter_onnx
-from converters.serving import ADAPTER_FILE, OnnxServer, cuda_usable
 
 PROMPT = "w5 w17 w42 w9"
 

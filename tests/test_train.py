@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-import cli
+from adalora_export import cli
 from adalora_export.checkpoint import list_checkpoints, load_checkpoint
 from adalora_export.demo import write_toy_model
 from adalora_export.errors import UserError

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-import cli
+from adalora_export import cli
 
 
 def test_demo_short_run(tmp_path, capsys):

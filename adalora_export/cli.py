@@ -1,0 +1,311 @@
+"""The adalora-export command line: parses arguments and calls one library function per command.
+
+Exit codes: 0 done; 2 bad input or usage (one line on stderr naming the problem, nothing
+written); 1 an unexpected failure.
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+
+import click
+
+from adalora_export.config import PRESETS
+from adalora_export.errors import UserError
+from adalora_export.io import disk_full, disk_full_message
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="adalora-export")
+def cli() -> None:
+    """Train with AdaLoRA, prune to per-layer ranks, and ship the result."""
+
+
+def _option(name: str, **kwargs):
+    """An option that takes both spellings, --max_steps and --max-steps."""
+    dashed = name.replace("_", "-")
+    return click.option(f"--{name}", *([f"--{dashed}"] if dashed != name else []), name, **kwargs)
+
+
+_TRAIN_OPTIONS = [
+    ("model", dict(type=click.Path(), default=None, help="Base model: a local Hugging Face directory.")),
+    ("data", dict(type=click.Path(), default=None, help="Training data: .jsonl or .txt (see README).")),
+    ("output", dict(type=click.Path(), required=True, help="Run directory to write (RUN_DIR).")),
+    ("validation", dict(type=click.Path(), default=None, help="Validation file: eval loss (+accuracy).")),
+    ("task", dict(type=click.Choice(["causal_lm", "seq_cls"]), default=None, help="Default: from data/model.")),
+    ("target_modules", dict(default=None, help="Comma-separated module names, or 're:REGEX' (default: family).")),
+    ("epochs", dict(type=int, default=None, help="Passes over the data (default 1).")),
+    ("max_steps", dict(type=int, default=None, help="Optimizer steps (instead of --epochs).")),
+    ("lr", dict(type=float, default=5e-4, show_default=True, help="Peak learning rate (AdamW).")),
+    ("batch_size", dict(type=int, default=8, show_default=True, help="Examples per micro-batch and rank.")),
+    ("grad_accum", dict(type=int, default=1, show_default=True, help="Micro-batches per optimizer step.")),
+    (
+        "max_length",
+        dict(
+            type=int,
+            default=512,
+            show_default=True,
+            help="Tokens per example; longer records are truncated: text keeps its start; prompt+completion "
+            "keeps the completion's start (at least half the budget) and the prompt's end.",
+        ),
+    ),
+    ("warmup_ratio", dict(type=float, default=0.06, show_default=True, help="Share of steps of linear warm-up.")),
+    ("weight_decay", dict(type=float, default=0.0, show_default=True, help="AdamW weight decay (matrices).")),
+    ("max_grad_norm", dict(type=float, default=1.0, show_default=True, help="Gradient clipping; 0 disables.")),
+    ("lora_alpha", dict(type=float, default=8.0, show_default=True, help="Scale = alpha / init_r.")),
+    ("lora_dropout", dict(type=float, default=0.0, show_default=True, help="Dropout on the adapter input.")),
+    ("seed", dict(type=int, default=42, show_default=True, help="Seed of initialisation, data order, dropout.")),
+    (
+        "save_steps",
+        dict(type=int, default=500, show_default=True, help="Checkpoint every N steps and at the end (0: none)."),
+    ),
+    ("eval_steps", dict(type=int, default=None, help="Evaluate every N steps (default: before and after).")),
+    ("keep_checkpoints", dict(type=int, default=3, show_default=True, help="Checkpoints kept (0: all).")),
+    (
+        "precision",
+        dict(
+            type=click.Choice(["auto", "fp32", "bf16", "fp16"]),
+            default="auto",
+            show_default=True,
+            help="Autocast on GPUs (auto: bf16 where supported, else fp16); the CPU trains in fp32.",
+        ),
+    ),
+    ("train_type", dict(default="adalora", show_default=True, help="Must be adalora.")),
+    ("adalora_target_r", dict(type=int, default=8, show_default=True, help="Target average rank.")),
+    ("adalora_init_r", dict(type=int, default=12, show_default=True, help="Initial rank of every matrix.")),
+    ("adalora_tinit", dict(type=int, default=0, show_default=True, help="Warm-up steps before pruning.")),
+    ("adalora_tfinal", dict(type=int, default=0, show_default=True, help="Final steps at the fixed budget.")),
+    ("adalora_deltaT", dict(type=int, default=1, show_default=True, help="Mask every deltaT steps.")),
+    ("adalora_beta1", dict(type=float, default=0.85, show_default=True, help="EMA factor of sensitivity.")),
+    ("adalora_beta2", dict(type=float, default=0.85, show_default=True, help="EMA factor of uncertainty.")),
+    ("adalora_orth_reg_weight", dict(type=float, default=0.5, show_default=True, help="Orthogonal term weight.")),
+    (
+        "adalora_final_orth_reg_weight",
+        dict(type=float, default=None, help="Orthogonal weight once ranks are frozen (default: same)."),
+    ),
+    (
+        "adalora_preset",
+        dict(
+            type=click.Choice(PRESETS),
+            default="paper",
+            show_default=True,
+            help="paper: the schedule as given. recommended: tinit 10%, tfinal 50% of the steps, no orthogonal "
+            "term once ranks are frozen (BENCHMARKS.md).",
+        ),
+    ),
+]
+
+
+def _train_options(func):
+    for name, kwargs in reversed(_TRAIN_OPTIONS):
+        func = _option(name, **kwargs)(func)
+    return func
+
+
+@cli.command()
+@_train_options
+@click.option("--resume", is_flag=True, help="Continue the run in --output from its latest checkpoint.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing run directory.")
+@click.pass_context
+def train(ctx: click.Context, resume: bool, overwrite: bool, **options) -> None:
+    """Train an AdaLoRA adapter: --model BASE_DIR --data FILE --output RUN_DIR (torchrun for several ranks)."""
+    from adalora_export.train import train as run_training
+
+    if options["target_modules"] is not None:
+        value = options["target_modules"]
+        options["target_modules"] = value[3:] if value.startswith("re:") else [t for t in value.split(",") if t]
+    if resume:  # the run's own options apply; pass on only what was given, to be checked against them
+        source = click.core.ParameterSource
+        options = {k: v for k, v in options.items() if ctx.get_parameter_source(k) != source.DEFAULT}
+    output = options.pop("output")
+    result = run_training(output, resume=resume, overwrite=overwrite, **options)
+    if result.is_main:
+        click.echo(result.summary())
+
+
+@cli.command()
+@click.option("--output", type=click.Path(), default=None, help="Where to leave the demo's files (default: temp).")
+@click.option("--steps", type=int, default=None, help="Optimizer steps (default: the demo's own).")
+@click.option("--overwrite", is_flag=True, help="Replace an existing --output directory.")
+def demo(output: str | None, steps: int | None, overwrite: bool) -> None:
+    """The whole path on a built-in tiny model and data set (no downloads)."""
+    from adalora_export.demo import run_demo
+
+    run_demo(output=output, steps=steps, overwrite=overwrite)
+
+
+@cli.command()
+@click.argument("adapter_dir", type=click.Path())
+@click.option("--output", "-o", required=True, type=click.Path(), help="Directory to write.")
+@click.option("--base", type=click.Path(), default=None, help="Base HF model directory (default: the adapter's).")
+@click.option("--merge", is_flag=True, help="Merge the adapter into the base weights.")
+@click.option("--onnx", is_flag=True, help="Export an ONNX graph for onnxruntime.")
+@click.option("--to", "to_format", type=click.Choice(["lora"]), default=None, help="Convert to another adapter format.")
+@click.option("--dtype", type=click.Choice(["fp32", "fp16"]), default="fp32", help="ONNX weight dtype.")
+@click.option("--opset", type=int, default=None, help="ONNX opset (default: the exporter's).")
+@click.option("--with-past", is_flag=True, help="ONNX causal LM graph with a KV cache.")
+@click.option("--adapter-inputs", is_flag=True, help="ONNX graph whose adapter weights are hot-swappable inputs.")
+@click.option("--tolerance", type=float, default=None, help="Largest relative ONNX/torch difference accepted.")
+@click.option(
+    "--graph",
+    type=click.Path(),
+    default=None,
+    help="With --onnx: write the adapter as FILE.onnx_adapter for this existing --adapter-inputs graph.",
+)
+@click.option("--workers", type=int, default=1, show_default=True, help="Merge threads sharing each shard's work.")
+@click.option("--verify", is_flag=True, help="After merging, compare merged against base+adapter.")
+@click.option("--allow-pickle", is_flag=True, help="Allow reading .bin/.pt files (weights_only=True).")
+@click.option("--overwrite", is_flag=True, help="Replace an existing output.")
+def export(
+    adapter_dir,
+    output,
+    base,
+    merge,
+    onnx,
+    to_format,
+    dtype,
+    opset,
+    with_past,
+    adapter_inputs,
+    tolerance,
+    graph,
+    workers,
+    verify,
+    allow_pickle,
+    overwrite,
+) -> None:
+    """Ship an adapter: --to lora, --merge into the base, or --onnx [--merge]."""
+    chosen = sum([to_format is not None, onnx, merge and not onnx])
+    if chosen != 1:
+        raise click.UsageError("choose exactly one of --to lora, --merge, --onnx [--merge]")
+    if to_format == "lora":
+        from adalora_export.converters.lora import export_lora
+
+        export_lora(adapter_dir, output, overwrite=overwrite, allow_pickle=allow_pickle)
+    elif onnx and graph is not None:
+        from adalora_export.converters.onnx_export import export_onnx_adapter
+
+        export_onnx_adapter(adapter_dir, graph, output, overwrite=overwrite, allow_pickle=allow_pickle)
+    elif onnx:
+        from adalora_export.converters.onnx_export import export_onnx
+
+        export_onnx(
+            adapter_dir,
+            output,
+            base=base,
+            merge=merge,
+            dtype=dtype,
+            opset=opset,
+            with_past=with_past,
+            adapter_inputs=adapter_inputs,
+            tolerance=tolerance,
+            overwrite=overwrite,
+            allow_pickle=allow_pickle,
+        )
+    else:
+        from adalora_export.converters.merge import merge_into_base
+
+        merge_into_base(
+            adapter_dir,
+            output,
+            base=base,
+            workers=workers,
+            verify=verify,
+            overwrite=overwrite,
+            allow_pickle=allow_pickle,
+        )
+
+
+@cli.command()
+@click.argument("source", type=click.Path())
+@click.option("--output", "-o", required=True, type=click.Path(), help="Adapter directory to write.")
+@click.option("--allow-pickle", is_flag=True, help="Allow reading .bin/.pt files (weights_only=True).")
+@click.option("--overwrite", is_flag=True, help="Replace an existing output.")
+def prune(source, output, allow_pickle, overwrite) -> None:
+    """Write the compact adapter of a run, a checkpoint or a PEFT AdaLoRA directory."""
+    from adalora_export.prune import prune as prune_source
+
+    adapter = prune_source(source, output, overwrite=overwrite, allow_pickle=allow_pickle)
+    click.echo(
+        f"wrote {output}: {len(adapter.modules)} modules, total rank {sum(adapter.rank_pattern.values())}, "
+        f"{adapter.num_parameters():,} adapter parameters"
+    )
+
+
+@cli.command("inspect")
+@click.argument("adapter_dir", type=click.Path())
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of the table.")
+@click.option("--plot", type=click.Path(), default=None, help="Also draw the rank heat map into FILE.png.")
+@click.option("--allow-pickle", is_flag=True, help="Allow reading .bin/.pt files (weights_only=True).")
+@click.option("--overwrite", is_flag=True, help="Replace an existing plot file.")
+def inspect_command(adapter_dir, as_json, plot, allow_pickle, overwrite) -> None:
+    """Ranks per module, parameters and share of the budget; --plot draws the rank heat map."""
+    from adalora_export.report import inspect_adapter
+
+    click.echo(inspect_adapter(adapter_dir, as_json=as_json, plot=plot, overwrite=overwrite, allow_pickle=allow_pickle))
+
+
+@cli.command()
+@click.argument("onnx_dir", type=click.Path())
+@click.option("--prompt", default=None, help="Causal LM: text to continue.")
+@click.option("--max_new_tokens", "--max-new-tokens", type=int, default=32, show_default=True)
+@click.option("--sample", is_flag=True, help="Sample instead of greedy decoding.")
+@click.option("--temperature", type=float, default=1.0, show_default=True, help="With --sample.")
+@click.option("--top_k", "--top-k", type=int, default=None, help="With --sample: draw among the k best.")
+@click.option("--seed", type=int, default=None, help="With --sample: seed of the draws.")
+@click.option("--text", default=None, help="Classifier: label the text; encoder: embed it.")
+@click.option("--adapter", type=click.Path(), default=None, help="FILE.onnx_adapter for an --adapter-inputs graph.")
+@click.option("--provider", type=click.Choice(["auto", "cuda", "cpu"]), default="auto", show_default=True)
+def infer(onnx_dir, prompt, max_new_tokens, sample, temperature, top_k, seed, text, adapter, provider) -> None:
+    """Run an exported graph with onnxruntime: --prompt for causal LMs, --text for encoders/classifiers."""
+    import json
+
+    from adalora_export.converters.serving import OnnxServer
+
+    if (prompt is None) == (text is None):
+        raise click.UsageError("give exactly one of --prompt (causal LM) or --text (classifier, encoder)")
+    server = OnnxServer(onnx_dir, provider=provider, adapter=adapter)
+    if prompt is not None:
+        options = dict(do_sample=sample, temperature=temperature, top_k=top_k, seed=seed)
+        click.echo(server.generate(prompt, max_new_tokens, **options))
+    elif server.task == "seq_cls":
+        click.echo(json.dumps(server.classify(text)[0]))
+    else:
+        click.echo(json.dumps({"embedding": server.embed(text)[0].round(6).tolist()}))
+
+
+def _exit_on_sigterm(signum, frame) -> None:
+    # SystemExit unwinds the stack, so atomic outputs remove their temporary files on the way out.
+    raise SystemExit(128 + signum)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: bad input (a full disk included) is exit code 2 with one line on stderr, never a traceback."""
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    if hasattr(signal, "SIGXFSZ"):  # past a file-size limit, a write fails with EFBIG instead of killing us
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    try:
+        cli.main(args=argv, prog_name="adalora-export", standalone_mode=False)
+    except click.exceptions.Abort:
+        click.echo("aborted", err=True)
+        sys.exit(130)
+    except click.ClickException as exc:  # usage errors: click's own message, exit 2
+        click.echo(f"error: {exc.format_message()}", err=True)
+        sys.exit(2)
+    except UserError as exc:
+        click.echo(f"error: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}", err=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        click.echo("interrupted", err=True)
+        sys.exit(130)
+    except Exception as exc:  # out of space outside an atomic output (those raise UserError): exit 2 as well
+        error = disk_full(exc)
+        if error is None:
+            raise
+        click.echo(f"error: {disk_full_message(error)}", err=True)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()
