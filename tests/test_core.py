@@ -6,7 +6,7 @@ import copy
 
 import pytest
 import torch
-from models import LLAMA_TARGETS, tiny_gpt2, tiny_llama
+from support import LLAMA_TARGETS, tiny_gpt2, tiny_llama
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 

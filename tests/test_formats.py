@@ -8,9 +8,9 @@ import warnings
 
 import pytest
 import torch
-from models import LLAMA_TARGETS, tiny_gpt2, tiny_llama, train_adalora
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
+from support import LLAMA_TARGETS, tiny_gpt2, tiny_llama, train_adalora
 
 from adalora_export import AdaLoraConfig, CompactAdapter, UserError, adapted_layers
 from adalora_export.formats import ADAPTER_CONFIG, ADAPTER_WEIGHTS, MANIFEST, PREFIX, load_adapter, save_adapter

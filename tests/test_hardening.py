@@ -21,7 +21,8 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from hardening_fixtures import (
+from safetensors.torch import load_file, save_file
+from support import (
     TRAIN_FLAGS,
     WORDS,
     ForkServer,
@@ -35,7 +36,6 @@ from hardening_fixtures import (
     tree_digest,
     write_data,
 )
-from safetensors.torch import load_file, save_file
 
 from adalora_export import cli
 from adalora_export.checkpoint import list_checkpoints, load_checkpoint

@@ -22,7 +22,8 @@ from pathlib import Path
 
 import onnxruntime as ort
 import pytest
-from hardening_fixtures import (
+from safetensors.torch import load_file
+from support import (
     TRAIN_FLAGS,
     ForkServer,
     hidden_temps,
@@ -32,7 +33,6 @@ from hardening_fixtures import (
     tree_digest,
     write_data,
 )
-from safetensors.torch import load_file
 
 from adalora_export.checkpoint import list_checkpoints, load_checkpoint
 from adalora_export.formats import load_adapter

@@ -6,8 +6,8 @@ import json
 
 import pytest
 import torch
-from models import LLAMA_TARGETS, tiny_gpt2, tiny_llama, train_adalora
 from safetensors.torch import load_file
+from support import LLAMA_TARGETS, tiny_gpt2, tiny_llama, train_adalora
 
 from adalora_export import AdaLoraConfig, CompactAdapter, UserError
 from adalora_export.converters.lora import export_lora

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from models import LLAMA_TARGETS, tiny_gpt2, tiny_llama
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
+from support import LLAMA_TARGETS, tiny_gpt2, tiny_llama
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
 from adalora_export import AdaLoraConfig, CompactAdapter, ModuleAdapter, UserError, cli

@@ -9,7 +9,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from models import LLAMA_TARGETS, tiny_gpt2, tiny_llama
+from support import LLAMA_TARGETS, tiny_gpt2, tiny_llama
 
 from adalora_export import AdaLoraConfig, CompactAdapter, ModuleAdapter
 from adalora_export.cli import main

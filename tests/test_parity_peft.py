@@ -6,7 +6,7 @@ import copy
 
 import pytest
 import torch
-from models import LLAMA_TARGETS, tiny_llama
+from support import LLAMA_TARGETS, tiny_llama
 
 from adalora_export import AdaLoraConfig, RankAllocator, inject_adapters, orthogonal_regularizer
 

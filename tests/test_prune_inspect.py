@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from models import LLAMA_TARGETS, tiny_llama, train_adalora
+from support import LLAMA_TARGETS, tiny_llama, train_adalora
 
 from adalora_export import AdaLoraConfig
 from adalora_export.formats import ADAPTER_CONFIG, ADAPTER_WEIGHTS, load_adapter

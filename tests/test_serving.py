@@ -8,7 +8,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from models import LLAMA_TARGETS, tiny_llama
+from support import LLAMA_TARGETS, tiny_llama
 from test_onnx_export import make_adapter, run_cli, save_base, torch_forward
 
 from adalora_export.converters.onnx_export import export_adapter_onnx

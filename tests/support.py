@@ -1,7 +1,8 @@
-"""Builders shared by the hardening tests: tiny model directories, adapters, data, corrupt files,
+"""What the tests share: tiny real transformers models built from configs (no downloads), an AdaLoRA
+training loop on them, and the hardening builders: tiny model directories, adapters, data, corrupt files,
 file snapshots, and a fork server that runs CLI commands in child processes it can kill.
 
-The fork server (``python tests/hardening_fixtures.py serve``) imports torch, transformers, onnx and
+The fork server (``python tests/support.py serve``) imports torch, transformers, onnx and
 every command's module once, then forks one child per request; a child runs ``cli.main(argv)``
 exactly as ``python cli.py`` does, with its output in a log file and optionally a file-size limit.
 The server kills a child with SIGKILL after a given delay and reaps it (so that the dead pid is gone,
@@ -22,6 +23,8 @@ import sys
 import time
 from pathlib import Path
 
+import torch
+
 ROOT = Path(__file__).resolve().parent.parent
 WORDS = "the a cat dog bird sat ran flew on under over mat tree house fast slow red blue big small".split()
 # 12 optimizer steps on 48 records; budget phase 3..8, final shrink at step 8 (tfinal 4), a checkpoint every 2 steps.
@@ -38,6 +41,63 @@ SERVER_ENV = {
     "HF_HUB_OFFLINE": "1",
     "TRANSFORMERS_OFFLINE": "1",
 }
+
+
+# ------------------------------------------------------------------------------------ models
+LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def tiny_llama(seed: int = 0, hidden: int = 64, layers: int = 2, vocab: int = 128, causal_lm: bool = True):
+    from transformers import LlamaConfig, LlamaForCausalLM, LlamaModel
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        tie_word_embeddings=False,
+    )
+    model = (LlamaForCausalLM if causal_lm else LlamaModel)(config)
+    return model.eval()
+
+
+def tiny_gpt2(seed: int = 0, hidden: int = 64, layers: int = 2, vocab: int = 128):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    config = GPT2Config(vocab_size=vocab, n_embd=hidden, n_layer=layers, n_head=4, n_positions=128)
+    return GPT2LMHeadModel(config).eval()
+
+
+def train_adalora(model, config, steps=None, trainable=None, seed=0, lr=2e-2, vocab=128, on_step=None):
+    """Train ``model`` with our AdaLoRA core (inject, allocator, orthogonal term) on random tokens.
+
+    Runs ``steps`` optimizer steps (default ``config.total_step``: through the final phase, so the
+    layers end pruned to heterogeneous ranks), calling ``on_step(step, model, allocator)`` after each.
+    Returns the allocator; the model is left in eval mode.
+    """
+    from adalora_export import RankAllocator, inject_adapters, orthogonal_regularizer
+
+    inject_adapters(model, config, trainable=trainable)
+    allocator = RankAllocator(model, config, total_step=config.total_step)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    g = torch.Generator().manual_seed(seed)
+    model.train()
+    for step in range(1, (steps or config.total_step) + 1):
+        ids = torch.randint(0, vocab, (4, 16), generator=g)
+        loss = model(input_ids=ids, labels=ids).loss + config.orth_reg_weight * orthogonal_regularizer(model)
+        loss.backward()
+        optimizer.step()
+        allocator.update_and_allocate(step, optimizer)
+        optimizer.zero_grad(set_to_none=True)
+        if on_step is not None:
+            on_step(step, model, allocator)
+    model.eval()
+    return allocator
 
 
 # ------------------------------------------------------------------------------------ inputs
