@@ -8,10 +8,8 @@ from .layer import SVDLinear
 from .model import (
     adapted_layers,
     inject_adapters,
-    merge_adapters,
     orthogonal_regularizer,
     trainable_parameters,
-    unmerge_adapters,
     unwrap_adapters,
 )
 
@@ -27,11 +25,9 @@ __all__ = [
     "UserError",
     "adapted_layers",
     "inject_adapters",
-    "merge_adapters",
     "orthogonal_regularizer",
     "recommended_schedule",
     "shrink_to_rank_pattern",
     "trainable_parameters",
-    "unmerge_adapters",
     "unwrap_adapters",
 ]

@@ -12,8 +12,9 @@ import torch
 from torch import nn
 
 from .config import AdaLoraConfig
-from .layer import SVDLinear
-from .model import adapted_layers, strip_wrapper_prefix
+from .errors import UserError
+from .layer import SVDLinear, is_adaptable, svd_delta
+from .model import adapted_layers, replace_module, strip_wrapper_prefix
 
 
 @dataclass
@@ -43,7 +44,31 @@ class ModuleAdapter:
 
     def delta(self, scale: float) -> torch.Tensor:
         """The update (out x in) in fp32: B @ (A * E) * scale."""
-        return (self.B.float() @ (self.A.float() * self.E.float())) * scale
+        return svd_delta(self.A.float(), self.E.float(), self.B.float(), scale)
+
+    @classmethod
+    def from_triplets(
+        cls,
+        A: torch.Tensor,
+        E: torch.Tensor,
+        B: torch.Tensor,
+        keep: torch.Tensor | list[bool] | None = None,
+        *,
+        fan_in_fan_out: bool = False,
+        importance: torch.Tensor | list[float] | None = None,
+    ) -> ModuleAdapter:
+        """fp32 CPU copies of A, E, B, keeping only the triplets where ``keep`` is True (all when None).
+
+        ``importance`` is taken when it has one score per kept triplet, else dropped.
+        """
+        A, E, B = (t.detach().float().cpu() for t in (A, E, B))
+        if keep is not None:
+            keep = torch.as_tensor(keep, dtype=torch.bool).view(-1)
+            A, E, B = A[keep], E[keep], B[:, keep]
+        if importance is not None:
+            importance = torch.as_tensor(importance, dtype=torch.float32).view(-1)
+            importance = importance if importance.numel() == E.shape[0] else None
+        return cls(A.contiguous(), E.contiguous(), B.contiguous(), fan_in_fan_out, importance)
 
 
 @dataclass
@@ -93,21 +118,15 @@ class CompactAdapter:
         """
         modules = {}
         for path, layer in adapted_layers(model):
-            keep = None
-            if mask is not None and path in mask and len(mask[path]) == layer.rank:
-                keep = torch.tensor(mask[path], dtype=torch.bool, device=layer.lora_E.device)
-            a, e, b = layer.lora_A.detach(), layer.lora_E.detach(), layer.lora_B.detach()
-            if keep is not None:
-                a, e, b = a[keep], e[keep], b[:, keep]
-            modules[path] = ModuleAdapter(
-                a.float().cpu().contiguous(),
-                e.float().cpu().contiguous(),
-                b.float().cpu().contiguous(),
+            keep = (mask or {}).get(path)
+            modules[path] = ModuleAdapter.from_triplets(
+                layer.lora_A,
+                layer.lora_E,
+                layer.lora_B,
+                keep if keep is not None and len(keep) == layer.rank else None,
                 fan_in_fan_out=layer.fan_in_fan_out,
+                importance=(importance or {}).get(path),
             )
-            scores = (importance or {}).get(path)
-            if scores is not None and len(scores) == modules[path].rank:
-                modules[path].importance = torch.tensor(scores, dtype=torch.float32)
         extra = {
             strip_wrapper_prefix(name): p.detach().cpu().clone()
             for name, p in model.named_parameters()
@@ -115,29 +134,56 @@ class CompactAdapter:
         }
         return cls(config=config, modules=modules, extra_weights=extra, **meta)
 
-    @torch.no_grad()
-    def apply_to(self, model: nn.Module) -> nn.Module:
-        """Wrap the model's matching layers in ``SVDLinear`` at this adapter's ranks (unmerged)."""
+    def check_fits(
+        self, layer_shapes: dict[str, tuple[int, int]], param_shapes: dict[str, tuple[int, ...]], base: str
+    ) -> None:
+        """Fail unless every module and extra weight has its place in the base ``base``.
+
+        ``layer_shapes``: module path -> (out_features, in_features) of the base's adaptable layers;
+        ``param_shapes``: parameter name -> shape. The one definition of "this adapter fits that base".
+        """
         for path, module in self.modules.items():
-            parent_path, _, child = path.rpartition(".")
-            parent = model.get_submodule(parent_path) if parent_path else model
-            base = getattr(parent, child)
-            cfg = self.config
-            layer = SVDLinear(base, module.rank, cfg.lora_alpha, cfg.init_r, 0.0)
-            if (layer.in_features, layer.out_features) != (module.in_features, module.out_features):
-                raise ValueError(
+            shape = layer_shapes.get(path)
+            if shape is None:
+                raise UserError(f"adapter module {path} matches no nn.Linear or Conv1D layer of the base model {base}")
+            if tuple(shape) != (module.out_features, module.in_features):
+                raise UserError(
                     f"adapter module {path} is {module.out_features}x{module.in_features}, "
-                    f"the base layer is {layer.out_features}x{layer.in_features}"
+                    f"the layer of the base model {base} is {shape[0]}x{shape[1]}"
                 )
-            device = base.weight.device
+        for name, value in self.extra_weights.items():
+            shape = param_shapes.get(name)
+            if shape is None or tuple(shape) != tuple(value.shape):
+                found = "has no such weight" if shape is None else f"has {tuple(shape)}"
+                raise UserError(
+                    f"adapter weight {name} {tuple(value.shape)} does not fit the base model {base} ({found})"
+                )
+
+    @torch.no_grad()
+    def apply_to(self, model: nn.Module, base: str = "the base model") -> nn.Module:
+        """Wrap the model's matching layers in ``SVDLinear`` at this adapter's ranks (unmerged) and put
+        the extra weights in place; a UserError (naming ``base``) when the adapter does not fit."""
+        self.check_fits(*model_shapes(model), base=base)
+        cfg = self.config
+        for path, module in self.modules.items():
+            base_layer = model.get_submodule(path)
+            layer = SVDLinear(base_layer, module.rank, cfg.lora_alpha, cfg.init_r, 0.0)
+            device = base_layer.weight.device
             layer.lora_A.copy_(module.A.to(device))
             layer.lora_E.copy_(module.E.to(device))
             layer.lora_B.copy_(module.B.to(device))
             layer.requires_grad_(False)
-            setattr(parent, child, layer)
+            replace_module(model, path, layer)
         params = dict(model.named_parameters())
         for name, value in self.extra_weights.items():
-            if name not in params or params[name].shape != value.shape:
-                raise ValueError(f"adapter weight {name} {tuple(value.shape)} does not fit the base model")
             params[name].data.copy_(value.to(params[name].device, params[name].dtype))
         return model
+
+
+def model_shapes(model: nn.Module) -> tuple[dict[str, tuple[int, int]], dict[str, tuple[int, ...]]]:
+    """(adaptable layer path -> (out, in), parameter name -> shape) of a model, for ``check_fits``."""
+    layers = {}
+    for path, module in model.named_modules():
+        if path and is_adaptable(module):
+            layers[path] = SVDLinear.shape_of(module)
+    return layers, {name: tuple(p.shape) for name, p in model.named_parameters()}

@@ -1,15 +1,15 @@
-"""AdaLoRA configuration: the seed parameters of SPEC §2, their defaults and their validation."""
+"""AdaLoRA configuration: the seed parameters, their defaults (PEFT's) and their validation (docs/design.md)."""
 
 from __future__ import annotations
 
 import dataclasses
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from .errors import UserError
 
-TRAIN_TYPES = ("adalora", "lora")
+TRAIN_TYPES = ("adalora",)  # a fixed-rank baseline is adalora with target_r == init_r
 PRESETS = ("paper", "recommended")
 
 
@@ -50,7 +50,6 @@ class AdaLoraConfig:
     train_type: str = "adalora"
     # Options beyond the paper (None = the paper's behaviour); each is measured in BENCHMARKS.md.
     final_orth_reg_weight: float | None = None  # orthogonal weight once the rank pattern is frozen
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.validate()
@@ -58,7 +57,10 @@ class AdaLoraConfig:
     def validate(self) -> None:
         """Check every parameter that can be checked without knowing the run's length."""
         if self.train_type not in TRAIN_TYPES:
-            raise UserError(f"unknown train_type {self.train_type!r}: expected 'adalora' (or 'lora' for the baseline)")
+            raise UserError(
+                f"unknown train_type {self.train_type!r}: expected 'adalora' "
+                "(for a fixed-rank baseline set adalora_target_r equal to adalora_init_r)"
+            )
         if not isinstance(self.init_r, int) or self.init_r < 1:
             raise UserError(f"adalora_init_r must be an integer >= 1, got {self.init_r!r}")
         if not isinstance(self.target_r, int) or self.target_r < 0:
@@ -86,7 +88,7 @@ class AdaLoraConfig:
         """Fail unless the schedule leaves a budget phase: tinit < total_step - tfinal."""
         if total_step < 1:
             raise UserError(f"total_step must be >= 1, got {total_step}")
-        if self.train_type == "adalora" and self.tinit >= total_step - self.tfinal:
+        if self.tinit >= total_step - self.tfinal:
             raise UserError(
                 f"no budget phase: adalora_tinit ({self.tinit}) must be below total_step ({total_step}) "
                 f"- adalora_tfinal ({self.tfinal}); lower tinit/tfinal or train longer"

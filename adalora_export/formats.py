@@ -1,4 +1,4 @@
-"""Compact adapter directories (SPEC §3): written as PEFT AdaLoRA directories, read from every source we meet.
+"""Compact adapter directories (docs/design.md, "Formats"): PEFT AdaLoRA directories, written and read.
 
 A compact adapter directory holds
 - ``adapter_config.json``: a PEFT AdaLoraConfig whose ``rank_pattern`` maps ``<path>.lora_E`` to init_r
@@ -9,15 +9,13 @@ A compact adapter directory holds
   ``modules_to_save``) as ``base_model.model.<parameter name>``.
 - ``adalora_manifest.json``: ours, beside it: the full config, ranks, budget, parameters, importance.
 
-``load_adapter`` reads these, AdaLoRA directories PEFT saved (sliced with a rank_pattern, or unsliced at
-init_r with zeros in E), our training state directories, and training runs (their final state, else the
-latest checkpoint).
+``read_adapter_dir`` reads these and the AdaLoRA directories PEFT saved (sliced with a rank_pattern, or
+unsliced at init_r with zeros in E). Reading any source (runs, checkpoints too) is ``sources.load_adapter``.
 """
 
 from __future__ import annotations
 
 import os
-import re
 from pathlib import Path
 from typing import Any
 
@@ -27,10 +25,10 @@ from safetensors.torch import save_file
 from .adapter import CompactAdapter, ModuleAdapter
 from .config import AdaLoraConfig
 from .errors import UserError
-from .hf import CAUSAL_LM, ENCODER, SEQ_CLS
+from .hf import peft_task_type, task_from_peft
 from .io import atomic_output_dir, check_output_path, load_tensors, read_json, write_json
 from .model import matches_target
-from .state import PARTS, compact_from_state, is_state_dir, load_adapter_state
+from .state import PARTS
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -38,22 +36,6 @@ ADAPTER_WEIGHTS_PICKLE = "adapter_model.bin"
 MANIFEST = "adalora_manifest.json"
 MANIFEST_FORMAT = "adalora-export-adapter/1"
 PREFIX = "base_model.model."  # PEFT's key prefix: PeftModel -> LoraModel -> the transformers model
-FINAL_STATE = "final"
-_CHECKPOINT = re.compile(r"checkpoint-(\d+)")
-
-# Our task names (hf.py) and PEFT's TaskType values.
-PEFT_TASK_TYPES = {CAUSAL_LM: "CAUSAL_LM", SEQ_CLS: "SEQ_CLS", ENCODER: "FEATURE_EXTRACTION"}
-
-
-def peft_task_type(task_type: str | None) -> str | None:
-    """PEFT's name for a task (ours or already PEFT's)."""
-    return PEFT_TASK_TYPES.get(task_type, task_type) if task_type else None
-
-
-def our_task_type(peft_name: str | None) -> str | None:
-    """Our name for a PEFT task type; types we have no name for are kept as PEFT spells them."""
-    ours = {v: k for k, v in PEFT_TASK_TYPES.items()}
-    return ours.get(peft_name, peft_name) if peft_name else None
 
 
 # --------------------------------------------------------------------------------------------- writing
@@ -183,50 +165,18 @@ def _peft_target_modules(adapter: CompactAdapter) -> list[str] | str:
 
 
 # --------------------------------------------------------------------------------------------- reading
-def find_adapter_source(path: str | os.PathLike) -> Path:
-    """The directory to read for ``path``: an adapter or state directory itself, or a training run's
-    final state, else its latest ``checkpoint-<step>``."""
-    path = Path(path)
-    if not path.exists():
-        raise UserError(f"{path} does not exist")
-    if not path.is_dir():
-        raise UserError(f"{path} is not a directory (expected an adapter directory, a checkpoint or a training run)")
-    if _is_adapter_dir(path):
-        return path
-    if _is_adapter_dir(path / FINAL_STATE):
-        return path / FINAL_STATE
-    checkpoints = [
-        (int(m.group(1)), child)
-        for child in path.iterdir()
-        if (m := _CHECKPOINT.fullmatch(child.name)) and _is_adapter_dir(child)
-    ]
-    if checkpoints:
-        return max(checkpoints)[1]
-    raise UserError(
-        f"{path} holds no adapter: expected {ADAPTER_CONFIG}, a training state, "
-        f"or a training run with {FINAL_STATE}/ or checkpoint-<step>/"
-    )
+def is_adapter_dir(path: str | os.PathLike) -> bool:
+    """True for a PEFT adapter directory (ours or PEFT's)."""
+    return (Path(path) / ADAPTER_CONFIG).is_file()
 
 
-def _is_adapter_dir(path: Path) -> bool:
-    return is_state_dir(path) or (path / ADAPTER_CONFIG).is_file()
-
-
-def load_adapter(path: str | os.PathLike, allow_pickle: bool = False) -> CompactAdapter:
-    """Read any adapter source into a ``CompactAdapter`` (fp32, CPU, every module at its kept rank).
+def read_adapter_dir(path: str | os.PathLike, allow_pickle: bool = False) -> CompactAdapter:
+    """Read a PEFT AdaLoRA directory (ours, or PEFT's sliced or unsliced save) into a ``CompactAdapter``.
 
     Bad input (wrong peft_type, missing tensors, inconsistent shapes, NaN/Inf, corrupt files, a pickle
     without ``allow_pickle``) raises UserError naming the file and module.
     """
-    source = find_adapter_source(path)
-    if is_state_dir(source):
-        state = load_adapter_state(source)
-        meta = {k: state.meta[k] for k in ("base_model_name_or_path", "task_type") if state.meta.get(k)}
-        return compact_from_state(state, **meta)
-    return _load_peft_dir(source, allow_pickle)
-
-
-def _load_peft_dir(path: Path, allow_pickle: bool) -> CompactAdapter:
+    path = Path(path)
     config_path = path / ADAPTER_CONFIG
     raw = read_json(config_path)
     if not isinstance(raw, dict):
@@ -268,20 +218,20 @@ def _load_peft_dir(path: Path, allow_pickle: bool) -> CompactAdapter:
         a, e, b = (parts[p].float() for p in PARTS)
         _check_module(module, a, e, b, config.init_r, str(weights))
         keep = _keep_mask(module, e, pattern.get(module), weights)
-        if keep is not None:
-            a, e, b = a[keep], e[keep], b[:, keep]
-        modules[module] = ModuleAdapter(
-            a.contiguous(),
-            e.contiguous(),
-            b.contiguous(),
+        kept = e.shape[0] if keep is None else int(keep.sum())
+        modules[module] = ModuleAdapter.from_triplets(
+            a,
+            e,
+            b,
+            keep,
             fan_in_fan_out=bool(info.get(module, {}).get("fan_in_fan_out", raw.get("fan_in_fan_out", False))),
-            importance=_read_importance(info.get(module), e.shape[0], module, path / MANIFEST),
+            importance=_read_importance(info.get(module), kept, module, path / MANIFEST),
         )
     return CompactAdapter(
         config=config,
         modules=modules,
         base_model_name_or_path=raw.get("base_model_name_or_path"),
-        task_type=our_task_type(raw.get("task_type")),
+        task_type=task_from_peft(raw.get("task_type")),
         extra_weights=extra,
     )
 

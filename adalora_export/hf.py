@@ -14,6 +14,18 @@ CAUSAL_LM = "causal_lm"
 SEQ_CLS = "seq_cls"
 ENCODER = "encoder"
 TASKS = (CAUSAL_LM, SEQ_CLS, ENCODER)
+PEFT_TASK_TYPES = {CAUSAL_LM: "CAUSAL_LM", SEQ_CLS: "SEQ_CLS", ENCODER: "FEATURE_EXTRACTION"}  # ours -> PEFT's
+
+
+def peft_task_type(task: str | None) -> str | None:
+    """PEFT's name for a task (ours or already PEFT's)."""
+    return PEFT_TASK_TYPES.get(task, task) if task else None
+
+
+def task_from_peft(peft_name: str | None) -> str | None:
+    """Our name for a PEFT task type; types we have no name for are kept as PEFT spells them."""
+    ours = {v: k for k, v in PEFT_TASK_TYPES.items()}
+    return ours.get(peft_name, peft_name) if peft_name else None
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 
 

@@ -1,4 +1,4 @@
-"""The SVD adapter layer: y = base(x) + dropout(x) @ (A*E)^T @ B^T * scale (SPEC §2).
+"""The SVD adapter layer: y = base(x) + dropout(x) @ (A*E)^T @ B^T * scale (docs/design.md, "The adapter").
 
 One class wraps ``nn.Linear`` and transformers' ``Conv1D`` (GPT-2 style, weight stored in x out).
 Every layer has its own rank r (0..init_r); ``scale`` = lora_alpha / (init_r + 1e-5) is fixed for
@@ -11,6 +11,8 @@ import sys
 
 import torch
 from torch import nn
+
+from .errors import UserError
 
 
 def _is_conv1d(module: nn.Module) -> bool:
@@ -25,19 +27,21 @@ def is_adaptable(module: nn.Module) -> bool:
     return isinstance(module, nn.Linear) or _is_conv1d(module)
 
 
+def svd_delta(A: torch.Tensor, E: torch.Tensor, B: torch.Tensor, scale: float) -> torch.Tensor:
+    """The AdaLoRA update B diag(E) A * scale (out x in): the one place the formula is written."""
+    return (B @ (A * E)) * scale
+
+
 class SVDLinear(nn.Module):
     """A frozen linear (or Conv1D) layer plus a trainable SVD-form update B diag(E) A."""
 
     def __init__(self, base_layer: nn.Module, rank: int, lora_alpha: float, init_r: int, lora_dropout: float = 0.0):
         super().__init__()
         if not is_adaptable(base_layer):
-            raise TypeError(f"cannot adapt {type(base_layer).__name__}: only nn.Linear and Conv1D are supported")
+            raise UserError(f"cannot adapt {type(base_layer).__name__}: only nn.Linear and Conv1D are supported")
         self.base_layer = base_layer
         self.fan_in_fan_out = _is_conv1d(base_layer)
-        if self.fan_in_fan_out:
-            self.in_features, self.out_features = base_layer.weight.shape
-        else:
-            self.out_features, self.in_features = base_layer.weight.shape
+        self.out_features, self.in_features = self.shape_of(base_layer)
         base_layer.weight.requires_grad_(False)
         if getattr(base_layer, "bias", None) is not None:
             base_layer.bias.requires_grad_(False)
@@ -54,6 +58,12 @@ class SVDLinear(nn.Module):
         self.lora_dropout = nn.Dropout(lora_dropout) if lora_dropout > 0 else nn.Identity()
         self.merged = False
 
+    @staticmethod
+    def shape_of(layer: nn.Module) -> tuple[int, int]:
+        """(out_features, in_features) of an nn.Linear or a Conv1D (whose weight is stored in x out)."""
+        rows, cols = layer.weight.shape
+        return (cols, rows) if _is_conv1d(layer) else (rows, cols)
+
     @property
     def rank(self) -> int:
         return self.lora_E.shape[0]
@@ -65,7 +75,7 @@ class SVDLinear(nn.Module):
 
     def delta_weight(self) -> torch.Tensor:
         """The update in the base weight's own layout (out x in, or in x out for Conv1D), fp32."""
-        delta = (self.lora_B @ (self.lora_A * self.lora_E)) * self.scale
+        delta = svd_delta(self.lora_A, self.lora_E, self.lora_B, self.scale)
         return delta.T if self.fan_in_fan_out else delta
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -102,7 +112,7 @@ class SVDLinear(nn.Module):
         """
         keep = keep.to(device=self.lora_E.device, dtype=torch.bool).view(-1)
         if keep.numel() != self.rank:
-            raise ValueError(f"keep mask has {keep.numel()} entries for a layer of rank {self.rank}")
+            raise UserError(f"keep mask has {keep.numel()} entries for a layer of rank {self.rank}")
         index = keep.nonzero().view(-1)
         for name, dim in (("lora_A", 0), ("lora_E", 0), ("lora_B", 1)):
             old = getattr(self, name)

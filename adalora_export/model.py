@@ -36,6 +36,25 @@ def default_target_modules(model: nn.Module) -> list[str]:
     return DEFAULT_TARGET_MODULES[model_type]
 
 
+def parse_target_modules(value: str) -> list[str] | str:
+    """The command line's target grammar: ``re:REGEX`` is a regex over full paths, else comma-separated names."""
+    if value.startswith("re:"):
+        return value[3:]
+    names = [t.strip() for t in value.split(",") if t.strip()]
+    if not names:
+        raise UserError(f"--target_modules {value!r} names no module")
+    return names
+
+
+def replace_module(model: nn.Module, path: str, module: nn.Module) -> nn.Module:
+    """Put ``module`` at the dotted ``path`` of ``model``; returns the module it replaced."""
+    parent_path, _, child = path.rpartition(".")
+    parent = model.get_submodule(parent_path) if parent_path else model
+    old = getattr(parent, child)
+    setattr(parent, child, module)
+    return old
+
+
 def matches_target(path: str, targets: list[str] | str) -> bool:
     """PEFT's rule: a regex string must match the whole path; a list entry matches exactly or as a suffix."""
     if isinstance(targets, str):
@@ -69,10 +88,10 @@ def inject_adapters(model: nn.Module, config: AdaLoraConfig, *, trainable: list[
     for param in model.parameters():
         param.requires_grad_(False)
     for path in paths:
-        parent_path, _, child = path.rpartition(".")
-        parent = model.get_submodule(parent_path) if parent_path else model
-        base = getattr(parent, child)
-        setattr(parent, child, SVDLinear(base, config.init_r, config.lora_alpha, config.init_r, config.lora_dropout))
+        layer = SVDLinear(
+            model.get_submodule(path), config.init_r, config.lora_alpha, config.init_r, config.lora_dropout
+        )
+        replace_module(model, path, layer)
     for name, module in model.named_modules():
         if trainable and any(name == t or name.endswith("." + t) for t in trainable):
             module.requires_grad_(True)
@@ -125,22 +144,9 @@ def orthogonal_regularizer(model: nn.Module) -> torch.Tensor:
     return torch.cat(norms).mean()
 
 
-def merge_adapters(model: nn.Module) -> None:
-    """Merge every adapter into its base weight (forward then costs nothing extra)."""
-    for _, layer in adapted_layers(model):
-        layer.merge()
-
-
-def unmerge_adapters(model: nn.Module) -> None:
-    for _, layer in adapted_layers(model):
-        layer.unmerge()
-
-
 def unwrap_adapters(model: nn.Module) -> nn.Module:
     """Merge, then replace every adapter by its base layer: a plain transformers model again."""
     for path, layer in list(adapted_layers(model)):
         layer.merge()
-        parent_path, _, child = path.rpartition(".")
-        parent = model.get_submodule(parent_path) if parent_path else model
-        setattr(parent, child, layer.base_layer)
+        replace_module(model, path, layer.base_layer)
     return model

@@ -9,8 +9,9 @@ from __future__ import annotations
 import os
 
 from .adapter import CompactAdapter
-from .formats import load_adapter, save_adapter
+from .formats import save_adapter
 from .io import check_output_path
+from .sources import load_adapter
 
 
 def prune(

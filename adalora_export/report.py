@@ -9,8 +9,9 @@ from pathlib import Path
 
 from .adapter import CompactAdapter
 from .errors import UserError
-from .formats import adapter_summary, load_adapter
+from .formats import adapter_summary
 from .io import atomic_output_file, check_output_path
+from .sources import load_adapter
 
 # A module path's first numeric component is its layer: "model.layers.3.self_attn.q_proj" -> 3.
 _LAYERED = re.compile(r"(.*?)\.(\d+)\.(.+)")

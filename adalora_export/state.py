@@ -13,6 +13,7 @@ Pruning reads it into a ``CompactAdapter``; resuming loads it back into a model 
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -31,6 +32,7 @@ ADAPTER_STATE = "adapter_state.safetensors"
 ALLOCATOR_STATE = "allocator_state.safetensors"
 STATE_JSON = "adalora_state.json"
 PARTS = ("lora_A", "lora_E", "lora_B")
+CHECKPOINT_RE = re.compile(r"checkpoint-(\d+)")
 
 
 @dataclass
@@ -49,6 +51,29 @@ class AdapterState:
 
 def is_state_dir(path: str | os.PathLike) -> bool:
     return (Path(path) / STATE_JSON).is_file()
+
+
+def list_checkpoints(run_dir: str | os.PathLike) -> list[Path]:
+    """A run's ``checkpoint-<step>`` state directories, oldest first.
+
+    Checkpoints are written under a temporary name and renamed when complete, so one that carries
+    the final name is complete: the one rule for "a checkpoint" that resume and prune share.
+    """
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        return []
+    found = [
+        (int(m.group(1)), child)
+        for child in run_dir.iterdir()
+        if (m := CHECKPOINT_RE.fullmatch(child.name)) and is_state_dir(child)
+    ]
+    return [path for _, path in sorted(found)]
+
+
+def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
+    """The newest checkpoint of a run, or None."""
+    found = list_checkpoints(run_dir)
+    return found[-1] if found else None
 
 
 def save_adapter_state(
@@ -123,15 +148,16 @@ def compact_from_state(state: AdapterState, **meta) -> CompactAdapter:
     modules = {}
     mask = state.rank_pattern or state.current_mask or {}
     for path, fan_in_fan_out in state.layers.items():
-        a, e, b = (state.tensors[f"{path}.{part}"].float() for part in PARTS)
+        a, e, b = (state.tensors[f"{path}.{part}"] for part in PARTS)
         keep = mask.get(path)
-        if keep is not None and len(keep) == e.shape[0]:
-            idx = torch.tensor(keep, dtype=torch.bool)
-            a, e, b = a[idx], e[idx], b[:, idx]
-        modules[path] = ModuleAdapter(a.contiguous(), e.contiguous(), b.contiguous(), fan_in_fan_out=fan_in_fan_out)
-        scores = (state.final_importance or {}).get(path)
-        if scores is not None and len(scores) == e.shape[0]:
-            modules[path].importance = torch.tensor(scores, dtype=torch.float32)
+        modules[path] = ModuleAdapter.from_triplets(
+            a,
+            e,
+            b,
+            keep if keep is not None and len(keep) == e.shape[0] else None,
+            fan_in_fan_out=fan_in_fan_out,
+            importance=(state.final_importance or {}).get(path),
+        )
     extra = {name: state.tensors[name] for name in state.extra}
     return CompactAdapter(config=state.config, modules=modules, extra_weights=extra, **meta)
 

@@ -1,4 +1,4 @@
-"""Export to a PEFT LoRA directory, for runtimes that know LoRA only (SPEC §3).
+"""Export to a PEFT LoRA directory, for runtimes that know LoRA only (docs/design.md, "LoRA conversion").
 
 Per module: ``lora_A = A * E`` (r x in), ``lora_B = B`` (out x r), ``rank_pattern[module] = r`` and
 ``alpha_pattern[module] = r * lora_alpha / (init_r + 1e-5)``, so LoRA's scale alpha / r equals AdaLoRA's
@@ -13,20 +13,13 @@ from pathlib import Path
 
 from adalora_export.adapter import CompactAdapter
 from adalora_export.errors import UserError
-from adalora_export.formats import PREFIX, extra_weight_tensors, load_adapter, peft_common_config, write_peft_dir
+from adalora_export.formats import PREFIX, extra_weight_tensors, peft_common_config, write_peft_dir
 from adalora_export.io import check_output_path
 
 
-def export_lora(
-    adapter: str | os.PathLike | CompactAdapter,
-    output: str | os.PathLike,
-    overwrite: bool = False,
-    allow_pickle: bool = False,
-) -> Path:
-    """Write ``adapter`` (a CompactAdapter or any source ``load_adapter`` reads) as a PEFT LoRA directory."""
+def export_lora(adapter: CompactAdapter, output: str | os.PathLike, overwrite: bool = False) -> Path:
+    """Write ``adapter`` as a PEFT LoRA directory."""
     check_output_path(output, overwrite)
-    if not isinstance(adapter, CompactAdapter):
-        adapter = load_adapter(adapter, allow_pickle=allow_pickle)
     kept = {path: m for path, m in adapter.modules.items() if m.rank > 0}
     if not kept:
         raise UserError("every module of the adapter has rank 0: there is no update to export as LoRA")
