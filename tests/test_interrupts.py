@@ -35,7 +35,7 @@ from support import (
 )
 
 from adalora_export.checkpoint import list_checkpoints, load_checkpoint
-from adalora_export.formats import load_adapter
+from adalora_export.sources import load_adapter
 from adalora_export.io import atomic_output_dir, remove_stale_siblings
 from adalora_export.state import load_adapter_state
 
@@ -117,7 +117,7 @@ def test_merge_killed_at_random_points(server, inputs, work):
     out = work / "merge-out"
     seen = kill_trials(server, argv, out, reference, seed=1, length=length)
     print(f"merge: run {length:.2f} s; after the kills: {seen}")
-    assert seen["absent"] + seen["complete"] == TRIALS
+    assert seen["absent"] >= 1, f"no kill landed mid-write, so no trial tested atomicity: {seen}"
     # A rerun after the kills: never blocked, same bytes, and the killed writers' temporaries are gone.
     if out.exists():
         os.rename(out, work / "merge-moved")
@@ -139,7 +139,7 @@ def test_onnx_export_killed_at_random_points(server, inputs, work):
     out = work / "onnx-out"
     seen = kill_trials(server, argv, out, reference, seed=2, length=length)
     print(f"onnx: run {length:.2f} s; after the kills: {seen}")
-    assert seen["absent"] + seen["complete"] == TRIALS
+    assert seen["absent"] >= 1, f"no kill landed mid-write, so no trial tested atomicity: {seen}"
     if out.exists():  # complete: onnxruntime loads it, external data and all
         ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
         os.rename(out, work / "onnx-moved")
@@ -224,7 +224,7 @@ def test_a_child_killed_mid_bar_does_not_block_the_next_one():
     import signal
 
     import tqdm.auto
-    from hardening_fixtures import _fresh_tqdm_locks
+    from support import _fresh_tqdm_locks
     from transformers.utils import logging as hf_logging
 
     with open(os.devnull, "w") as null:
@@ -246,7 +246,7 @@ def test_a_child_killed_mid_bar_does_not_block_the_next_one():
             hf_logging.tqdm(total=1, file=null).close()
             tqdm.auto.tqdm(total=1, file=null).close()
         os._exit(0)
-    deadline = time.monotonic() + 20
+    deadline = time.monotonic() + 20  # a deadlock never ends: a bound far above the ~1 s it takes is the test
     while time.monotonic() < deadline and os.waitpid(child, os.WNOHANG)[0] == 0:
         time.sleep(0.02)
     finished = time.monotonic() < deadline

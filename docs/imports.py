@@ -1,0 +1,116 @@
+"""Draw the project's imports and check that they run with the data flow (docs/design.md).
+
+    python docs/imports.py          # print module -> module edges, then the verdict; exit 1 on a bad edge
+
+Every import is counted, those inside functions too (read with ``ast``, nothing is imported). Each
+module has a stage; an edge may point to its own stage or an earlier one, never a later one, and
+training and the converters never import each other.
+"""
+
+from __future__ import annotations
+
+import ast
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGE = "adalora_export"
+# Checkout folder -> installed package name (pyproject's package-dir).
+FOLDERS = {ROOT / "adalora_export": PACKAGE, ROOT / "converters": f"{PACKAGE}.converters"}
+
+# The flow, earliest first; a module not named takes the stage of its package.
+STAGES = [
+    ["errors"],
+    ["io"],
+    ["hf", "toy"],
+    ["config"],
+    ["layer"],
+    ["model"],
+    ["allocator"],
+    ["adapter", PACKAGE],
+    ["state", "formats"],
+    ["sources"],
+    ["prune", "report"],
+    ["training"],
+    ["converters"],
+    ["serving"],
+    ["export"],
+    ["demo"],
+    ["cli"],
+]
+NEVER = [("training", "converters"), ("converters", "training"), ("converters", "serving")]
+
+
+def module_name(path: Path) -> str:
+    for folder, package in FOLDERS.items():
+        if path.is_relative_to(folder):
+            parts = list(path.relative_to(folder).with_suffix("").parts)
+            if parts[-1] == "__init__":
+                parts = parts[:-1]
+            return ".".join([package, *parts])
+    raise ValueError(path)
+
+
+def modules() -> dict[str, Path]:
+    found = {}
+    for folder in FOLDERS:
+        for path in sorted(folder.rglob("*.py")):
+            found[module_name(path)] = path
+    return found
+
+
+def imports_of(name: str, path: Path, known: set[str]) -> set[str]:
+    """Project modules that ``path`` imports anywhere in its body."""
+    is_package = path.name == "__init__.py"
+    out = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            targets = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                anchor = name.split(".") if is_package else name.split(".")[:-1]
+                anchor = anchor[: len(anchor) - (node.level - 1)]
+                base = ".".join(anchor + ([base] if base else []))
+            # "from pkg import mod" imports the module pkg.mod when it exists
+            targets = [f"{base}.{alias.name}" if f"{base}.{alias.name}" in known else base for alias in node.names]
+        else:
+            continue
+        for target in targets:
+            while target and target not in known:
+                target = target.rpartition(".")[0]
+            if target and target != name:
+                out.add(target)
+    return out
+
+
+def group(name: str) -> str:
+    """The stage key of a module: the part after the package name, by its first component."""
+    if name == PACKAGE:
+        return PACKAGE
+    return name[len(PACKAGE) + 1 :].split(".")[0]
+
+
+def stage(name: str) -> int:
+    key = group(name)
+    for i, names in enumerate(STAGES):
+        if key in names:
+            return i
+    raise SystemExit(f"{name} has no stage in docs/imports.py STAGES: add it")
+
+
+def main() -> int:
+    found = modules()
+    bad = []
+    for name in sorted(found):
+        for target in sorted(imports_of(name, found[name], set(found))):
+            wrong = stage(target) > stage(name) or (group(name), group(target)) in NEVER
+            if wrong:
+                bad.append((name, target))
+            print(f"{name} -> {target}{'   <-- AGAINST THE FLOW' if wrong else ''}")
+    print(f"\n{len(found)} modules; {len(bad)} edge(s) against the flow")
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
