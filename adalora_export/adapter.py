@@ -148,8 +148,8 @@ class CompactAdapter:
                 raise UserError(f"adapter module {path} matches no nn.Linear or Conv1D layer of the base model {base}")
             if tuple(shape) != (module.out_features, module.in_features):
                 raise UserError(
-                    f"adapter module {path} is {module.out_features}x{module.in_features}, "
-                    f"the layer of the base model {base} is {shape[0]}x{shape[1]}"
+                    f"adapter module {path} has shape {module.out_features}x{module.in_features}, "
+                    f"the layer of the base model {base} has shape {shape[0]}x{shape[1]}"
                 )
         for name, value in self.extra_weights.items():
             shape = param_shapes.get(name)

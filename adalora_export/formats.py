@@ -72,9 +72,19 @@ def adapter_summary(adapter: CompactAdapter) -> dict[str, Any]:
         "total_parameters": adapter.num_parameters(),
         "initial_parameters": sum(cfg.init_r * (m.in_features + m.out_features + 1) for m in adapter.modules.values()),
         "rank_zero_modules": sum(1 for m in adapter.modules.values() if m.rank == 0),
+        "lora_parameters": lora_parameters(adapter),
         "extra_weights": {name: list(t.shape) for name, t in adapter.extra_weights.items()},
         "modules": modules,
     }
+
+
+def lora_parameters(adapter: CompactAdapter, ranks: tuple[int, ...] = (1, 2, 4, 8, 16, 32)) -> dict[int, int]:
+    """What a fixed-rank LoRA on the same matrices would hold at each uniform rank: r (in + out) each.
+
+    The size users compare against: AdaLoRA's final adapter next to LoRA r = 1, 2, 4, ... on the same targets.
+    """
+    fan = sum(m.in_features + m.out_features for m in adapter.modules.values())
+    return {r: r * fan for r in ranks}
 
 
 def peft_common_config(adapter: CompactAdapter, target_modules: list[str] | str) -> dict[str, Any]:

@@ -55,10 +55,26 @@ def format_table(adapter: CompactAdapter) -> str:
         f"parameters: {s['total_parameters']:,} ({100 * share:.1f}% of {s['initial_parameters']:,} at init_r); "
         f"modules at rank 0: {s['rank_zero_modules']}"
     )
+    lines.append(lora_comparison(s["total_parameters"], s["lora_parameters"]))
     if s["extra_weights"]:
         extra = ", ".join(f"{name} {'x'.join(map(str, shape))}" for name, shape in s["extra_weights"].items())
         lines.append(f"extra trained weights: {extra}")
     return "\n".join(lines)
+
+
+def lora_comparison(parameters: int, lora: dict[int, int]) -> str:
+    """One line: this adapter's size next to LoRA at each uniform rank on the same matrices."""
+    sizes = ", ".join(f"r={r} {n:,}" for r, n in lora.items())
+    ranks = list(lora)
+    below = [r for r in ranks if lora[r] <= parameters]
+    above = [r for r in ranks if lora[r] > parameters]
+    if below and lora[below[-1]] == parameters:
+        where = f"the size of LoRA r={below[-1]}"
+    elif below and above:
+        where = f"between LoRA r={below[-1]} and r={above[0]}"
+    else:
+        where = f"below LoRA r={ranks[0]}" if above else f"above LoRA r={ranks[-1]}"
+    return f"LoRA on the same matrices: {sizes}; this adapter is {where}"
 
 
 def rank_grid(adapter: CompactAdapter) -> tuple[list[str], list[str], dict[tuple[int, int], int]]:

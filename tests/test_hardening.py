@@ -465,6 +465,42 @@ def _(env, tmp):
 
 
 # ------------------------------------------------------------------------------------------- train
+# Flags that do not apply to what was asked: exit 2 naming the flag, before anything is read.
+_FOREIGN_FLAGS = {
+    "merge-with-dtype": (["--merge", "--dtype", "fp16"], "--dtype does not apply to --merge"),
+    "merge-with-with-past": (["--merge", "--with-past"], "--with-past does not apply to --merge"),
+    "merge-with-opset": (["--merge", "--opset", "17"], "--opset does not apply to --merge"),
+    "onnx-with-workers": (["--onnx", "--workers", "2"], "--workers does not apply to --onnx"),
+    "onnx-with-verify": (["--onnx", "--verify"], "--verify does not apply to --onnx"),
+    "onnx-merge-and-adapter-inputs": (["--onnx", "--merge", "--adapter-inputs"], "exclude each other"),
+    "lora-with-base": (["--to", "lora", "--base", "."], "--base does not apply to --to lora"),
+    "lora-with-verify": (["--to", "lora", "--verify"], "--verify does not apply to --to lora"),
+    "adapter-inputs-without-onnx": (["--merge", "--adapter-inputs"], "--adapter-inputs does not apply to --merge"),
+    "no-target": ([], "choose exactly one of"),
+}
+for _name, (_flags, _message) in _FOREIGN_FLAGS.items():
+
+    @case(f"flags/{_name}")
+    def _(env, tmp, _flags=_flags, _message=_message):
+        return Case(["export", env.adapter, *_flags, "--output", tmp / "out"], tmp / "out", [env.adapter], [_message])
+
+
+@case("flags/graph-with-dtype")
+def _(env, tmp):
+    argv = [
+        "export",
+        env.adapter,
+        "--onnx",
+        "--graph",
+        env.graph,
+        "--dtype",
+        "fp16",
+        "--output",
+        tmp / "a.onnx_adapter",
+    ]
+    return Case(argv, tmp / "a.onnx_adapter", [env.adapter, env.graph], ["--dtype does not apply to --onnx --graph"])
+
+
 @case("train/model-missing")
 def _(env, tmp):
     return Case(train_argv(env, tmp / "run", model=tmp / "nope"), tmp / "run", [env.data], ["nope", "does not exist"])

@@ -12,7 +12,8 @@ import torch
 from support import LLAMA_TARGETS, tiny_llama, train_adalora
 
 from adalora_export import AdaLoraConfig
-from adalora_export.formats import ADAPTER_CONFIG, ADAPTER_WEIGHTS, load_adapter
+from adalora_export.formats import ADAPTER_CONFIG, ADAPTER_WEIGHTS
+from adalora_export.sources import load_adapter
 from adalora_export.prune import prune
 from adalora_export.report import format_table, rank_grid
 from adalora_export.state import load_adapter_state, save_adapter_state
@@ -192,3 +193,19 @@ def test_cli_subprocess_exit_code_and_single_line(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.count("\n") == 1 and "'IA3' is not ADALORA" in proc.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_inspect_sets_the_adapter_beside_lora_at_each_uniform_rank():
+    import torch
+
+    from adalora_export import AdaLoraConfig, CompactAdapter, ModuleAdapter
+    from adalora_export.report import format_table
+
+    def module(rank):  # 8 x 4 matrix
+        return ModuleAdapter(torch.ones(rank, 4), torch.ones(rank, 1), torch.ones(8, rank))
+
+    adapter = CompactAdapter(AdaLoraConfig(init_r=4, target_r=2), {"a.q": module(2), "a.v": module(2)})
+    assert adapter.num_parameters() == 2 * 2 * (4 + 8 + 1)  # 52: between LoRA r=2 (48) and r=4 (96)
+    line = format_table(adapter).splitlines()[-1]
+    assert line.startswith("LoRA on the same matrices: r=1 24, r=2 48, r=4 96, r=8 192")
+    assert line.endswith("this adapter is between LoRA r=2 and r=4")
