@@ -1,4 +1,4 @@
-"""The RankAllocator: importance EMAs, triplet scores, the cubic budget schedule and masking (SPEC §2).
+"""The RankAllocator: importance EMAs, triplet scores, the cubic budget schedule and masking (docs/design.md).
 
 Call ``update_and_allocate(step)`` once per optimizer step, after ``optimizer.step()`` and before
 the gradients are cleared, with step = 1, 2, ..., total_step. Up to the final phase this is PEFT's
@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from .config import AdaLoraConfig
+from .errors import UserError
 from .layer import SVDLinear
 from .model import adapted_layers
 
@@ -176,7 +177,7 @@ class RankAllocator:
     def load_state_dict(self, state: dict) -> None:
         """Restore a ``state_dict``. The model must already be at the saved ranks (see ``shrink_to_rank_pattern``)."""
         if state["total_step"] != self.total_step:
-            raise ValueError(f"allocator state is for total_step {state['total_step']}, not {self.total_step}")
+            raise UserError(f"allocator state is for total_step {state['total_step']}, not {self.total_step}")
         self.rank_pattern = state["rank_pattern"]
         self.current_mask = state["current_mask"]
         self.final_importance = state.get("final_importance")
@@ -198,6 +199,6 @@ def shrink_to_rank_pattern(model: nn.Module, rank_pattern: dict[str, list[bool]]
     for name, layer in adapted_layers(model):
         keep = rank_pattern.get(name)
         if keep is None:
-            raise ValueError(f"rank pattern has no entry for adapted layer {name}")
+            raise UserError(f"rank pattern has no entry for adapted layer {name}")
         if layer.rank == len(keep):
             layer.prune(torch.tensor(keep, dtype=torch.bool))

@@ -6,14 +6,24 @@ written); 1 an unexpected failure.
 
 from __future__ import annotations
 
+import dataclasses
 import signal
 import sys
 
 import click
 
-from adalora_export.config import PRESETS
-from adalora_export.errors import UserError
-from adalora_export.io import disk_full, disk_full_message
+from .config import PRESETS  # TEMPORARY with _TRAIN_OPTIONS
+from .converters.onnx import DTYPES, MAX_OPSET, MIN_OPSET
+from .demo import run_demo
+from .errors import UserError
+from .export import LORA_FORMATS, LORA_LAYOUTS, export_adapter
+from .io import disk_full, disk_full_message
+from .prune import prune as prune_source
+from .report import inspect_adapter
+from .serving import PROVIDERS
+from .serving import infer as run_inference
+from .training import TrainArgs
+from .training import train as run_training
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -28,6 +38,7 @@ def _option(name: str, **kwargs):
     return click.option(f"--{name}", *([f"--{dashed}"] if dashed != name else []), name, **kwargs)
 
 
+# TEMPORARY (being moved into TrainArgs field metadata; removed once training/args.py has it)
 _TRAIN_OPTIONS = [
     ("model", dict(type=click.Path(), default=None, help="Base model: a local Hugging Face directory.")),
     ("data", dict(type=click.Path(), default=None, help="Training data: .jsonl or .txt (see README).")),
@@ -97,9 +108,31 @@ _TRAIN_OPTIONS = [
 ]
 
 
+def _click_type(f: dataclasses.Field):
+    choices = f.metadata.get("choices")
+    if choices:
+        return click.Choice(list(choices))
+    kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+    for name, click_type in (("int", int), ("float", float), ("bool", bool)):
+        if kind.split("|")[0].strip() == name:
+            return click_type
+    return click.Path() if f.metadata.get("path") else str
+
+
 def _train_options(func):
-    for name, kwargs in reversed(_TRAIN_OPTIONS):
-        func = _option(name, **kwargs)(func)
+    """Every CLI-facing field of ``TrainArgs`` becomes an option, with the library's default and help."""
+    for f in reversed(dataclasses.fields(TrainArgs)):
+        if not f.metadata.get("cli", True):
+            continue
+        default = None if f.default is dataclasses.MISSING else f.default
+        func = _option(
+            f.name,
+            type=_click_type(f),
+            default=default,
+            show_default=default is not None,
+            required=bool(f.metadata.get("required")),
+            help=f.metadata.get("help"),
+        )(func)
     return func
 
 
@@ -110,16 +143,10 @@ def _train_options(func):
 @click.pass_context
 def train(ctx: click.Context, resume: bool, overwrite: bool, **options) -> None:
     """Train an AdaLoRA adapter: --model BASE_DIR --data FILE --output RUN_DIR (torchrun for several ranks)."""
-    from adalora_export.train import train as run_training
-
-    if options["target_modules"] is not None:
-        value = options["target_modules"]
-        options["target_modules"] = value[3:] if value.startswith("re:") else [t for t in value.split(",") if t]
     if resume:  # the run's own options apply; pass on only what was given, to be checked against them
         source = click.core.ParameterSource
-        options = {k: v for k, v in options.items() if ctx.get_parameter_source(k) != source.DEFAULT}
-    output = options.pop("output")
-    result = run_training(output, resume=resume, overwrite=overwrite, **options)
+        options = {k: v for k, v in options.items() if k == "output" or ctx.get_parameter_source(k) != source.DEFAULT}
+    result = run_training(options.pop("output"), resume=resume, overwrite=overwrite, **options)
     if result.is_main:
         click.echo(result.summary())
 
@@ -130,91 +157,41 @@ def train(ctx: click.Context, resume: bool, overwrite: bool, **options) -> None:
 @click.option("--overwrite", is_flag=True, help="Replace an existing --output directory.")
 def demo(output: str | None, steps: int | None, overwrite: bool) -> None:
     """The whole path on a built-in tiny model and data set (no downloads)."""
-    from adalora_export.demo import run_demo
-
     run_demo(output=output, steps=steps, overwrite=overwrite)
 
 
 @cli.command()
 @click.argument("adapter_dir", type=click.Path())
-@click.option("--output", "-o", required=True, type=click.Path(), help="Directory to write.")
+@click.option("--output", "-o", required=True, type=click.Path(), help="Directory (or file, with --graph) to write.")
 @click.option("--base", type=click.Path(), default=None, help="Base HF model directory (default: the adapter's).")
 @click.option("--merge", is_flag=True, help="Merge the adapter into the base weights.")
 @click.option("--onnx", is_flag=True, help="Export an ONNX graph for onnxruntime.")
-@click.option("--to", "to_format", type=click.Choice(["lora"]), default=None, help="Convert to another adapter format.")
-@click.option("--dtype", type=click.Choice(["fp32", "fp16"]), default="fp32", help="ONNX weight dtype.")
-@click.option("--opset", type=int, default=None, help="ONNX opset (default: the exporter's).")
-@click.option("--with-past", is_flag=True, help="ONNX causal LM graph with a KV cache.")
-@click.option("--adapter-inputs", is_flag=True, help="ONNX graph whose adapter weights are hot-swappable inputs.")
-@click.option("--tolerance", type=float, default=None, help="Largest relative ONNX/torch difference accepted.")
+@click.option("--to", "to", type=click.Choice(LORA_FORMATS), default=None, help="Convert to another adapter format.")
+@click.option(
+    "--lora-layout",
+    type=click.Choice(LORA_LAYOUTS),
+    default=None,
+    help="With --to lora: compact (per-module ranks; default) or uniform (all at the largest rank; README).",
+)
+@click.option("--dtype", type=click.Choice(DTYPES), default=None, help="With --onnx: weight dtype (default fp32).")
+@click.option("--opset", type=click.IntRange(MIN_OPSET, MAX_OPSET), default=None, help="With --onnx: ONNX opset.")
+@click.option("--with-past", is_flag=True, help="With --onnx: causal LM graph with a KV cache.")
+@click.option("--adapter-inputs", is_flag=True, help="With --onnx: adapter weights are hot-swappable inputs.")
+@click.option("--tolerance", type=float, default=None, help="With --onnx: largest relative ONNX/torch difference.")
 @click.option(
     "--graph",
     type=click.Path(),
     default=None,
     help="With --onnx: write the adapter as FILE.onnx_adapter for this existing --adapter-inputs graph.",
 )
-@click.option("--workers", type=int, default=1, show_default=True, help="Merge threads sharing each shard's work.")
-@click.option("--verify", is_flag=True, help="After merging, compare merged against base+adapter.")
+@click.option("--workers", type=int, default=None, help="With --merge: threads sharing each shard's work (1).")
+@click.option("--verify", is_flag=True, help="With --merge: compare merged against base+adapter.")
 @click.option("--allow-pickle", is_flag=True, help="Allow reading .bin/.pt files (weights_only=True).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output.")
-def export(
-    adapter_dir,
-    output,
-    base,
-    merge,
-    onnx,
-    to_format,
-    dtype,
-    opset,
-    with_past,
-    adapter_inputs,
-    tolerance,
-    graph,
-    workers,
-    verify,
-    allow_pickle,
-    overwrite,
-) -> None:
-    """Ship an adapter: --to lora, --merge into the base, or --onnx [--merge]."""
-    chosen = sum([to_format is not None, onnx, merge and not onnx])
-    if chosen != 1:
-        raise click.UsageError("choose exactly one of --to lora, --merge, --onnx [--merge]")
-    if to_format == "lora":
-        from adalora_export.converters.lora import export_lora
-
-        export_lora(adapter_dir, output, overwrite=overwrite, allow_pickle=allow_pickle)
-    elif onnx and graph is not None:
-        from adalora_export.converters.onnx_export import export_onnx_adapter
-
-        export_onnx_adapter(adapter_dir, graph, output, overwrite=overwrite, allow_pickle=allow_pickle)
-    elif onnx:
-        from adalora_export.converters.onnx_export import export_onnx
-
-        export_onnx(
-            adapter_dir,
-            output,
-            base=base,
-            merge=merge,
-            dtype=dtype,
-            opset=opset,
-            with_past=with_past,
-            adapter_inputs=adapter_inputs,
-            tolerance=tolerance,
-            overwrite=overwrite,
-            allow_pickle=allow_pickle,
-        )
-    else:
-        from adalora_export.converters.merge import merge_into_base
-
-        merge_into_base(
-            adapter_dir,
-            output,
-            base=base,
-            workers=workers,
-            verify=verify,
-            overwrite=overwrite,
-            allow_pickle=allow_pickle,
-        )
+def export(adapter_dir, output, **options) -> None:
+    """Ship an adapter: --to lora, --merge into the base, or --onnx [--merge | --adapter-inputs]."""
+    for line in export_adapter(adapter_dir, output, **options).lines:
+        click.echo(line)
 
 
 @cli.command()
@@ -224,8 +201,6 @@ def export(
 @click.option("--overwrite", is_flag=True, help="Replace an existing output.")
 def prune(source, output, allow_pickle, overwrite) -> None:
     """Write the compact adapter of a run, a checkpoint or a PEFT AdaLoRA directory."""
-    from adalora_export.prune import prune as prune_source
-
     adapter = prune_source(source, output, overwrite=overwrite, allow_pickle=allow_pickle)
     click.echo(
         f"wrote {output}: {len(adapter.modules)} modules, total rank {sum(adapter.rank_pattern.values())}, "
@@ -241,8 +216,6 @@ def prune(source, output, allow_pickle, overwrite) -> None:
 @click.option("--overwrite", is_flag=True, help="Replace an existing plot file.")
 def inspect_command(adapter_dir, as_json, plot, allow_pickle, overwrite) -> None:
     """Ranks per module, parameters and share of the budget; --plot draws the rank heat map."""
-    from adalora_export.report import inspect_adapter
-
     click.echo(inspect_adapter(adapter_dir, as_json=as_json, plot=plot, overwrite=overwrite, allow_pickle=allow_pickle))
 
 
@@ -256,23 +229,10 @@ def inspect_command(adapter_dir, as_json, plot, allow_pickle, overwrite) -> None
 @click.option("--seed", type=int, default=None, help="With --sample: seed of the draws.")
 @click.option("--text", default=None, help="Classifier: label the text; encoder: embed it.")
 @click.option("--adapter", type=click.Path(), default=None, help="FILE.onnx_adapter for an --adapter-inputs graph.")
-@click.option("--provider", type=click.Choice(["auto", "cuda", "cpu"]), default="auto", show_default=True)
-def infer(onnx_dir, prompt, max_new_tokens, sample, temperature, top_k, seed, text, adapter, provider) -> None:
+@click.option("--provider", type=click.Choice(PROVIDERS), default="auto", show_default=True)
+def infer(onnx_dir, **options) -> None:
     """Run an exported graph with onnxruntime: --prompt for causal LMs, --text for encoders/classifiers."""
-    import json
-
-    from adalora_export.converters.serving import OnnxServer
-
-    if (prompt is None) == (text is None):
-        raise click.UsageError("give exactly one of --prompt (causal LM) or --text (classifier, encoder)")
-    server = OnnxServer(onnx_dir, provider=provider, adapter=adapter)
-    if prompt is not None:
-        options = dict(do_sample=sample, temperature=temperature, top_k=top_k, seed=seed)
-        click.echo(server.generate(prompt, max_new_tokens, **options))
-    elif server.task == "seq_cls":
-        click.echo(json.dumps(server.classify(text)[0]))
-    else:
-        click.echo(json.dumps({"embedding": server.embed(text)[0].round(6).tolist()}))
+    click.echo(run_inference(onnx_dir, **options))
 
 
 def _exit_on_sigterm(signum, frame) -> None:

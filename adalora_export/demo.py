@@ -1,16 +1,15 @@
 """The built-in demo: the whole path on a toy model and data set built in-process (no downloads).
 
-1. write a small Llama (random weights) with a word-level tokenizer, and a learnable data set of
-   arithmetic progressions ("7 10 13 16 ...": the model must infer the stride), as files;
-2. train it with AdaLoRA through ``adalora_export.train.train`` (the code path of ``train``);
+1. write a small Llama (random weights) with a word-level tokenizer (``toy``), and a learnable data set
+   of arithmetic progressions ("7 10 13 16 ...": the model must infer the stride), as files;
+2. train it with AdaLoRA through ``adalora_export.training.train`` (the code path of ``train``);
 3. the run writes the compact adapter (pruned: every layer at its own rank);
-4. then, as far as those modules exist: merge into the base weights, export to ONNX, and
-   generate with onnxruntime, with the parity figures of each step.
+4. merge it into the base weights (verified), export the merged model to ONNX with a KV cache, and
+   generate with onnxruntime, printing the parity figures of each step.
 """
 
 from __future__ import annotations
 
-import importlib
 import json
 import shutil
 import tempfile
@@ -19,83 +18,15 @@ from pathlib import Path
 
 import torch
 
+from .converters.merge import merge_into_base, verify_merge
+from .converters.onnx import OnnxKind, export_onnx
 from .io import check_output_path
+from .serving import OnnxServer
+from .sources import load_adapter
+from .toy import write_toy_model
+from .training import train
 
 VOCAB_NUMBERS = 100
-SPECIALS = ["<pad>", "<unk>", "<s>", "</s>"]
-
-
-def toy_tokenizer(words: list[str]):
-    """A word-level tokenizer (whitespace split) over ``words``, with <s> prepended and </s> as EOS."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {w: i for i, w in enumerate(SPECIALS + [w for w in words if w not in SPECIALS])}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", vocab["<s>"])])
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
-    )
-
-
-def write_toy_model(
-    path: str | Path,
-    words: list[str],
-    arch: str = "llama",
-    hidden: int = 64,
-    layers: int = 2,
-    seed: int = 0,
-    num_labels: int | None = None,
-) -> Path:
-    """Save a randomly initialised ``arch`` (llama, gpt2 or bert) model and its tokenizer as an HF directory."""
-    import transformers as tf
-
-    tokenizer = toy_tokenizer(words)
-    vocab = len(tokenizer)
-    torch.manual_seed(seed)
-    if arch == "llama":
-        config = tf.LlamaConfig(
-            vocab_size=vocab,
-            hidden_size=hidden,
-            intermediate_size=2 * hidden,
-            num_hidden_layers=layers,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=256,
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-        )
-        model = tf.LlamaForCausalLM(config)
-    elif arch == "gpt2":
-        config = tf.GPT2Config(
-            vocab_size=vocab,
-            n_embd=hidden,
-            n_layer=layers,
-            n_head=4,
-            n_positions=256,
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-        )
-        model = tf.GPT2LMHeadModel(config)
-    elif arch == "bert":
-        config = tf.BertConfig(
-            vocab_size=vocab,
-            hidden_size=hidden,
-            intermediate_size=2 * hidden,
-            num_hidden_layers=layers,
-            num_attention_heads=4,
-            max_position_embeddings=256,
-            num_labels=num_labels or 2,
-        )
-        model = tf.BertForSequenceClassification(config)
-    else:
-        raise ValueError(f"unknown toy architecture {arch!r}")
-    path = Path(path)
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
 
 
 def progressions(n: int, seed: int, length: tuple[int, int] = (8, 14), max_stride: int = 3) -> list[str]:
@@ -118,14 +49,6 @@ def write_jsonl(path: Path, records: list[dict]) -> Path:
     return path
 
 
-def _optional(module: str, name: str):
-    """A function of a converter module if that module exists yet (other parts of the path land later)."""
-    try:
-        return getattr(importlib.import_module(module), name)
-    except (ImportError, AttributeError):
-        return None
-
-
 def run_demo(output: str | None = None, steps: int | None = None, overwrite: bool = False) -> dict:
     """Run the whole path and print a summary; returns the figures."""
     # The toy model's matrices are far too small to gain from several threads, and on a busy machine
@@ -139,9 +62,6 @@ def run_demo(output: str | None = None, steps: int | None = None, overwrite: boo
 
 
 def _run_demo(output: str | None, steps: int | None, overwrite: bool) -> dict:
-    from .formats import load_adapter
-    from .train import train
-
     started = time.time()
     if output is not None:
         check_output_path(output, overwrite)
@@ -188,7 +108,6 @@ def _run_demo(output: str | None, steps: int | None, overwrite: bool) -> dict:
         "ranks": result.ranks,
         "adapter_parameters": adapter.num_parameters(),
         "files": [str(p) for p in result.files],
-        "skipped": [],
     }
     print(
         f"\ntrained {result.total_step} steps in {result.wall_time:.1f}s: loss {result.loss_start:.3f} -> "
@@ -201,45 +120,24 @@ def _run_demo(output: str | None, steps: int | None, overwrite: bool) -> dict:
     for path, rank in result.ranks.items():
         print(f"  {path:40s} {rank:2d} {'#' * rank}")
 
-    merge = _optional("adalora_export.converters.merge", "merge_into_base")
-    if merge is None:
-        summary["skipped"].append("merge into the base (converters.merge not available)")
-    else:
-        report = merge(adapter_dir, root / "merged", base=base, verify=True)
-        summary["merge_max_abs_diff"] = report["verify_max_diff"]
-        summary["files"].append(str(root / "merged"))
-    summary["skipped"] += _onnx_steps(root, adapter_dir, base, summary)
+    merge_into_base(adapter, base, root / "merged")
+    summary["merge_max_abs_diff"] = verify_merge(adapter, base, root / "merged")
+    summary["files"].append(str(root / "merged"))
+    onnx_dir = root / "onnx"
+    manifest = export_onnx(adapter, base, onnx_dir, kind=OnnxKind.MERGED, with_past=True)
+    summary["files"].append(str(onnx_dir))
+    summary["onnx_max_relative_error"] = manifest["parity"]["max_relative_error"]
+    prompt = "12 15 18"
+    text = OnnxServer(onnx_dir, provider="cpu").generate(prompt, max_new_tokens=6)
+    summary["generation"] = {"prompt": prompt, "output": text, "expected": "21 24 27 30 33 36"}
     summary["wall_seconds"] = time.time() - started
     print("\nsummary")
     print(f"  loss {summary['loss_start']:.3f} -> {summary['loss_end']:.3f} in {summary['train_seconds']:.1f}s")
     print(f"  ranks: {' '.join(str(r) for r in result.ranks.values())} (init_r 8, target average 4)")
-    if "merge_max_abs_diff" in summary:
-        print(f"  merged vs base+adapter: max |logit diff| {summary['merge_max_abs_diff']:.2e}")
-    if "onnx_max_relative_error" in summary:
-        print(f"  ONNX vs torch: max relative error {summary['onnx_max_relative_error']:.2e}")
-    if "generation" in summary:
-        g = summary["generation"]
-        print(f"  onnxruntime greedy: {g['prompt']!r} -> {g['output']!r} (a perfect model: {g['expected']!r})")
-    for item in summary["skipped"]:
-        print(f"  skipped: {item}")
+    print(f"  merged vs base+adapter: max |logit diff| {summary['merge_max_abs_diff']:.2e}")
+    print(f"  ONNX vs torch: max relative error {summary['onnx_max_relative_error']:.2e}")
+    g = summary["generation"]
+    print(f"  onnxruntime greedy: {g['prompt']!r} -> {g['output']!r} (a perfect model: {g['expected']!r})")
     print("  files: " + ", ".join(summary["files"]))
     print(f"demo done in {summary['wall_seconds']:.1f}s")
     return summary
-
-
-def _onnx_steps(root: Path, adapter_dir: Path, base: Path, summary: dict) -> list[str]:
-    """ONNX export of the merged model and a greedy generation with onnxruntime, where available."""
-    export = _optional("adalora_export.converters.onnx_export", "export_onnx")
-    if export is None:
-        return ["ONNX export (converters.onnx_export not available)", "onnxruntime generation"]
-    onnx_dir = root / "onnx"
-    manifest = export(adapter_dir, onnx_dir, base=base, merge=True, with_past=True)
-    summary["files"].append(str(onnx_dir))
-    summary["onnx_max_relative_error"] = manifest.get("parity", {}).get("max_relative_error")
-    server_class = _optional("adalora_export.converters.serving", "OnnxServer")
-    if server_class is None:
-        return ["onnxruntime generation (converters.serving not available)"]
-    prompt = "12 15 18"
-    text = server_class(onnx_dir, provider="cpu").generate(prompt, max_new_tokens=6)
-    summary["generation"] = {"prompt": prompt, "output": text, "expected": "21 24 27 30 33 36"}
-    return []

@@ -34,9 +34,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from adalora_export import AdaLoraConfig, CompactAdapter, ModuleAdapter  # noqa: E402
-from adalora_export.converters.onnx_export import export_adapter_onnx  # noqa: E402
-from adalora_export.converters.serving import create_session  # noqa: E402
+from adalora_export.converters.onnx import OnnxKind, export_onnx  # noqa: E402
 from adalora_export.model import DEFAULT_TARGET_MODULES, find_target_paths, unwrap_adapters  # noqa: E402
+from adalora_export.serving import create_session  # noqa: E402
 
 SEQ = 128
 BATCHES = (1, 8)
@@ -144,7 +144,7 @@ def bench_model(hidden: int, layers: int, warmup: int, reps: int, threads: int, 
     sessions, parity = {}, 0.0
     for i, (name, (which, merge)) in enumerate(graphs.items()):
         out = workdir / f"graph-{hidden}-{i}"
-        manifest = export_adapter_onnx(which, out, base=base_dir, merge=merge)
+        manifest = export_onnx(which, base_dir, out, kind=OnnxKind.MERGED if merge else OnnxKind.RANK_COMPACT)
         parity = max(parity, manifest["parity"]["max_relative_error"])
         sessions[name] = create_session(out / "model.onnx", "cpu", threads=threads)
     merged = unwrap_adapters(adapter.apply_to(model))

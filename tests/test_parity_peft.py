@@ -1,4 +1,4 @@
-"""Step-for-step parity with PEFT's AdaLoRA through the whole budget phase (SPEC §2)."""
+"""Step-for-step parity with PEFT's AdaLoRA through the whole budget phase (docs/design.md, "The algorithm")."""
 
 from __future__ import annotations
 

@@ -8,15 +8,14 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from support import LLAMA_TARGETS, tiny_llama
-from test_onnx_export import make_adapter, run_cli, save_base, torch_forward
+from support import LLAMA_TARGETS, adapter_at_ranks, run_cli, save_base, tiny_llama, torch_forward
 
-from adalora_export.converters.onnx_export import export_adapter_onnx
-from adalora_export.converters.serving import ADAPTER_FILE, OnnxServer, cuda_usable
+from adalora_export.converters.onnx import ADAPTER_FILE, OnnxKind, export_onnx
 from adalora_export.errors import UserError
 from adalora_export.formats import save_adapter
 from adalora_export.hf import load_pretrained
 from adalora_export.model import unwrap_adapters
+from adalora_export.serving import OnnxServer, cuda_usable, infer
 
 PROMPT = "w5 w17 w42 w9"
 
@@ -27,7 +26,7 @@ def llama_graph(tmp_path_factory):
     work = tmp_path_factory.mktemp("serving")
     model = tiny_llama(seed=3)
     base_dir = save_base(model, work / "base")
-    adapter = make_adapter(model, LLAMA_TARGETS, [3, 0, 5, 1], seed=4)
+    adapter = adapter_at_ranks(model, LLAMA_TARGETS, [3, 0, 5, 1], seed=4)
     adapter_dir = save_adapter(adapter, work / "adapter")
     out = work / "onnx"
     assert run_cli("export", adapter_dir, "--base", base_dir, "--onnx", "--merge", "--with-past", "--output", out) == 0
@@ -47,6 +46,9 @@ def test_infer_greedy_matches_transformers_generate(llama_graph, capsys):
     capsys.readouterr()
     assert run_cli("infer", out, "--prompt", PROMPT, "--max_new_tokens", 12, "--provider", "cpu") == 0
     assert capsys.readouterr().out.strip() == server.tokenizer.decode(expected, skip_special_tokens=True)
+    assert infer(out, prompt=PROMPT, max_new_tokens=12, provider="cpu") == server.tokenizer.decode(
+        expected, skip_special_tokens=True
+    )
 
 
 def test_kv_cache_path_equals_no_cache_path(llama_graph):
@@ -119,14 +121,14 @@ def test_classifier_adapter_with_trained_head(tmp_path):
     )
     model = BertForSequenceClassification(config).eval()
     base_dir = save_base(model, tmp_path / "bert")
-    adapter = make_adapter(model, ["query", "value"], [2, 0, 3], task_type="seq_cls")
+    adapter = adapter_at_ranks(model, ["query", "value"], [2, 0, 3], task_type="seq_cls")
     g = torch.Generator().manual_seed(9)
     adapter.extra_weights = {
         "classifier.weight": torch.randn(3, 32, generator=g),
         "classifier.bias": torch.randn(3, generator=g),
     }
     out = tmp_path / "onnx"
-    manifest = export_adapter_onnx(adapter, out, base=base_dir, adapter_inputs=True)
+    manifest = export_onnx(adapter, base_dir, out, kind=OnnxKind.ADAPTER_INPUTS)
     assert set(manifest["extra_inputs"]) == {"classifier.weight", "classifier.bias"}
     assert manifest["parity"]["max_relative_error"] <= 1e-4
 
@@ -173,3 +175,6 @@ def test_infer_bad_input_exits_2(llama_graph, tmp_path, capsys):
     assert run_cli("infer", out, "--prompt", PROMPT, "--adapter", tmp_path / "none.onnx_adapter") == 2
     err = capsys.readouterr().err
     assert "does not exist" in err and "causal_lm" in err and "exported without --adapter-inputs" in err
+    for both_or_neither in [{}, {"prompt": PROMPT, "text": "w5"}]:
+        with pytest.raises(UserError, match="exactly one of --prompt"):
+            infer(out, **both_or_neither)

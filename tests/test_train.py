@@ -13,9 +13,9 @@ from safetensors.torch import load_file, save_file
 
 from adalora_export import cli
 from adalora_export.checkpoint import list_checkpoints, load_checkpoint
-from adalora_export.demo import write_toy_model
+from adalora_export.toy import write_toy_model
 from adalora_export.errors import UserError
-from adalora_export.formats import load_adapter
+from adalora_export.sources import load_adapter
 from adalora_export.state import load_adapter_state
 from adalora_export.train import train
 
@@ -223,7 +223,7 @@ def test_other_decoders_chat_and_classification(tmp_path, arch):
     """Qwen2 and Mistral: chat records for the causal LM, and a fresh `score` head for classification."""
     import transformers as tf
 
-    from adalora_export.demo import toy_tokenizer
+    from adalora_export.toy import toy_tokenizer
 
     tokenizer = toy_tokenizer(WORDS + ["user", "assistant", ":"])
     cls = {"qwen2": (tf.Qwen2Config, tf.Qwen2ForCausalLM), "mistral": (tf.MistralConfig, tf.MistralForCausalLM)}

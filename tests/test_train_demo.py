@@ -17,4 +17,3 @@ def test_demo_short_run(tmp_path, capsys):
     assert (out / "run" / "adapter" / "adapter_config.json").is_file()
     assert (out / "merged" / "config.json").is_file() and "merged vs base+adapter" in printed
     assert (out / "onnx").is_dir() and "onnxruntime greedy: '12 15 18' -> " in printed
-    assert "skipped" not in printed  # every stage of the path exists now

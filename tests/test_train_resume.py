@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from adalora_export.checkpoint import list_checkpoints
-from adalora_export.demo import write_toy_model
+from adalora_export.toy import write_toy_model
 from adalora_export.train import train
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -7,8 +7,8 @@ import torch
 from transformers import TrainerCallback, TrainingArguments
 
 from adalora_export import AdaLoraConfig, adapted_layers, inject_adapters, orthogonal_regularizer
-from adalora_export.demo import write_toy_model
-from adalora_export.formats import load_adapter
+from adalora_export.toy import write_toy_model
+from adalora_export.sources import load_adapter
 from adalora_export.hf import load_pretrained
 from adalora_export.hf_trainer import AdaLoraTrainer
 

@@ -4,24 +4,37 @@
 ``.onnx_adapter``; ``generate`` for causal LMs (greedy or sampling, through the KV cache when the
 graph has one), ``classify`` and ``embed`` for encoders. Adapters are applied through
 ``RunOptions.add_active_adapter`` on plain ``run`` (onnxruntime ignores active adapters in
-``run_with_iobinding``).
+``run_with_iobinding``). ``infer`` is the ``adalora-export infer`` command as one call.
+
+The directory layout (file names, manifest) is the exporter's, read through
+``adalora_export.converters.onnx.layout``; the runtime adds its own safety check of the graph's
+external data before onnxruntime reads it.
 """
 
 from __future__ import annotations
 
 import ctypes
+import json
 import os
 from pathlib import Path
 
 import numpy as np
 
-from adalora_export.errors import UserError
-from adalora_export.hf import check_model_dir
-from adalora_export.io import read_json
+from .converters.onnx.layout import ADAPTER_FILE, MANIFEST, MODEL_FILE, OnnxKind, open_onnx_dir
+from .errors import UserError
 
-MANIFEST = "onnx_manifest.json"
-MODEL_FILE = "model.onnx"
-ADAPTER_FILE = "adapter.onnx_adapter"
+__all__ = [
+    "ADAPTER_FILE",
+    "MANIFEST",
+    "MODEL_FILE",
+    "PROVIDERS",
+    "OnnxServer",
+    "check_onnx_dir",
+    "create_session",
+    "cuda_usable",
+    "infer",
+    "load_onnx_adapter",
+]
 PROVIDERS = ("auto", "cuda", "cpu")
 _QUIET = 3  # onnxruntime log severity: errors only (no "initializer in graph inputs" warnings)
 
@@ -36,11 +49,7 @@ def check_onnx_dir(onnx_dir: str | os.PathLike) -> tuple[Path, dict]:
     import onnx
 
     onnx_dir = Path(onnx_dir)
-    check_model_dir(onnx_dir)
-    model_path = onnx_dir / MODEL_FILE
-    if not model_path.is_file():
-        raise UserError(f"missing file {model_path}")
-    manifest = read_json(onnx_dir / MANIFEST)
+    model_path, manifest = open_onnx_dir(onnx_dir)
     try:
         graph = onnx.load(str(model_path), load_external_data=False)
     except Exception as exc:  # protobuf decode errors have several types
@@ -198,7 +207,7 @@ class OnnxServer:
         if path is None:
             self._run_options = None
             return
-        if self.manifest["kind"] != "adapter_inputs":
+        if self.manifest["kind"] != OnnxKind.ADAPTER_INPUTS.value:
             raise UserError(f"{self.onnx_dir} was exported without --adapter-inputs; it takes no adapter file")
         options = ort.RunOptions()
         self._lora = load_onnx_adapter(path)  # keep it alive as long as the options use it
@@ -335,3 +344,29 @@ def _pick(logits: np.ndarray, do_sample: bool, temperature: float, top_k: int | 
     probs = np.exp(scores - scores.max())
     probs /= probs.sum()
     return int(rng.choice(scores.size, p=probs))
+
+
+def infer(
+    onnx_dir: str | os.PathLike,
+    *,
+    prompt: str | None = None,
+    text: str | None = None,
+    adapter: str | os.PathLike | None = None,
+    provider: str = "auto",
+    max_new_tokens: int = 32,
+    sample: bool = False,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    seed: int | None = None,
+) -> str:
+    """The line ``adalora-export infer`` prints: the text generated after ``prompt`` (causal LM), or for
+    ``text`` a JSON classification (sequence classifier) or a JSON mean-pooled embedding (encoder)."""
+    if (prompt is None) == (text is None):
+        raise UserError("give exactly one of --prompt (causal LM) or --text (classifier, encoder)")
+    server = OnnxServer(onnx_dir, provider=provider, adapter=adapter)
+    if prompt is not None:
+        options = dict(do_sample=sample, temperature=temperature, top_k=top_k, seed=seed)
+        return server.generate(prompt, max_new_tokens, **options)
+    if server.task == "seq_cls":
+        return json.dumps(server.classify(text)[0])
+    return json.dumps({"embedding": server.embed(text)[0].round(6).tolist()})

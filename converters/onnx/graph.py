@@ -1,4 +1,4 @@
-"""From a transformers model to an ONNX graph: low-rank branches, the traced wrapper and graph rewrites.
+"""From a transformers model to an ONNX graph: the traced wrapper, the trace and the graph rewrites.
 
 The graph is traced with torch's TorchScript exporter (``dynamo=False``): on transformers 5 models it
 gives correct dynamic batch, sequence and cache axes (the export's own parity check runs several
@@ -29,45 +29,17 @@ import torch
 from onnx import numpy_helper
 from torch import nn
 
-from adalora_export.adapter import CompactAdapter
 from adalora_export.errors import UserError
 from adalora_export.hf import CAUSAL_LM, ENCODER, SEQ_CLS
 from adalora_export.io import disk_full, disk_full_message
 
-DOWN = ".lora_down"
-UP = ".lora_up"
+from .layout import DATA_FILE, MODEL_FILE
+
 DEFAULT_OPSET = 17
 MIN_OPSET, MAX_OPSET = 14, 20
-DATA_FILE = "model.onnx.data"
 # Kept in fp32 by the fp16 conversion: RMSNorm's mean of squares overflows or loses its digits in
 # fp16 (transformers upcasts it too); these ops are tiny next to the matmuls.
 FP32_OPS = ["Pow", "ReduceMean", "Sqrt", "Reciprocal"]
-
-
-class LowRankBranch(nn.Module):
-    """``base(x) + (x @ lora_down) @ lora_up``: one adapted layer, its scale folded into ``lora_down``."""
-
-    def __init__(self, base_layer: nn.Module, down: torch.Tensor, up: torch.Tensor):
-        super().__init__()
-        self.base_layer = base_layer
-        self.lora_down = nn.Parameter(down, requires_grad=False)  # in x r
-        self.lora_up = nn.Parameter(up, requires_grad=False)  # r x out
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.base_layer(x) + (x @ self.lora_down) @ self.lora_up
-
-
-def branch_weights(adapter: CompactAdapter, path: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """(down, up) of module ``path``: down = (A * E * scale)^T (in x r), up = B^T (r x out), fp32."""
-    module = adapter.modules[path]
-    down = (module.A.float() * module.E.float() * adapter.scale).T.contiguous()
-    return down, module.B.float().T.contiguous()
-
-
-def rank_axis(path: str) -> str:
-    """The symbolic name of one layer's rank axis (one name per layer: onnxruntime's memory planner
-    fails when layers of different ranks share one)."""
-    return "rank_" + path.replace(".", "_")
 
 
 @dataclass
@@ -254,7 +226,7 @@ def to_fp16(model: onnx.ModelProto) -> onnx.ModelProto:
 
 def save_graph(model: onnx.ModelProto, directory: Path) -> Path:
     """Write ``model.onnx`` with all weights in one external file ``model.onnx.data`` beside it."""
-    path = directory / "model.onnx"
+    path = directory / MODEL_FILE
     onnx.save_model(
         model,
         str(path),

@@ -1,0 +1,26 @@
+"""ONNX export: merged, rank-compact and adapter-input graphs, each checked against torch.
+
+``export_onnx`` writes a graph directory (its layout: ``layout``); ``write_onnx_adapter`` writes
+another adapter for an existing adapter-input graph. Serving the graphs is ``adalora_export.serving``.
+"""
+
+from __future__ import annotations
+
+from .adapter_file import write_onnx_adapter
+from .export import DEFAULT_TOLERANCE, DTYPES, export_onnx
+from .graph import DEFAULT_OPSET, MAX_OPSET, MIN_OPSET
+from .layout import ADAPTER_FILE, MANIFEST, MODEL_FILE, OnnxKind
+
+__all__ = [
+    "ADAPTER_FILE",
+    "DEFAULT_OPSET",
+    "DEFAULT_TOLERANCE",
+    "DTYPES",
+    "MANIFEST",
+    "MAX_OPSET",
+    "MIN_OPSET",
+    "MODEL_FILE",
+    "OnnxKind",
+    "export_onnx",
+    "write_onnx_adapter",
+]

@@ -1,0 +1,257 @@
+"""ONNX export of an AdaLoRA adapter on its base model, checked against torch before it is kept.
+
+Three kinds of graph (``OnnxKind``; ``onnx_manifest.json`` records which):
+
+- ``merged``: the adapter merged into the base weights, one plain graph.
+- ``rank_compact``: the base weights plus, for every adapted layer of non-zero rank, a branch
+  ``(x @ lora_down) @ lora_up`` at that layer's final rank with the scale folded in.
+- ``adapter_inputs``: every adapted layer's branch weights are graph inputs with empty (rank 0)
+  defaults, each rank axis named after its layer, so onnxruntime swaps adapters per request
+  (``.onnx_adapter`` files, ``RunOptions.add_active_adapter``). Trained non-adapter weights (a
+  fresh classification head) are inputs too, defaulting to the base's values.
+
+Every export runs onnxruntime against the torch model (base + unmerged adapter, fp32) on several
+batch sizes and lengths, compares unpadded positions, writes the figures into the manifest and
+fails with a UserError, leaving nothing behind, when they exceed the tolerance.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import onnx
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from adalora_export.adapter import CompactAdapter, model_shapes
+from adalora_export.errors import UserError
+from adalora_export.hf import CAUSAL_LM, ENCODER, SEQ_CLS, TASKS, check_model_dir, infer_task, load_pretrained
+from adalora_export.io import atomic_output_dir, check_output_path, write_json
+
+from .adapter_file import write_adapter_file
+from .branches import PreparedGraph, prepare_model
+from .graph import (
+    DEFAULT_OPSET,
+    MAX_OPSET,
+    MIN_OPSET,
+    GraphSpec,
+    GraphWrapper,
+    bind_inputs,
+    graph_spec,
+    io_signature,
+    save_graph,
+    to_fp16,
+    trace_to_onnx,
+)
+from .layout import ADAPTER_FILE, MANIFEST, Manifest, OnnxKind, copy_tokenizer_files
+from .parity import check_parity, parity_samples, torch_reference
+
+DTYPES = ("fp32", "fp16")
+# Largest accepted max|onnx - torch| / max|torch| over unpadded positions. fp16 rounds every
+# weight and activation to 11 significant bits against an fp32 reference.
+DEFAULT_TOLERANCE = {"fp32": 1e-4, "fp16": 2e-2}
+_PEFT_TASKS = {"CAUSAL_LM": CAUSAL_LM, "SEQ_CLS": SEQ_CLS, "FEATURE_EXTRACTION": ENCODER}
+
+
+@dataclass(frozen=True)
+class _Settings:
+    """One export's checked options."""
+
+    kind: OnnxKind
+    task: str
+    dtype: str
+    opset: int
+    with_past: bool
+    tolerance: float
+
+
+@dataclass
+class _Traced:
+    """The traced graph and what checking and saving it needs."""
+
+    proto: onnx.ModelProto | None  # None once saved
+    spec: GraphSpec
+    prepared: PreparedGraph
+
+
+def export_onnx(
+    adapter: CompactAdapter,
+    base_dir: str | os.PathLike,
+    output: str | os.PathLike,
+    *,
+    kind: OnnxKind = OnnxKind.RANK_COMPACT,
+    dtype: str = "fp32",
+    opset: int | None = None,
+    with_past: bool = False,
+    tolerance: float | None = None,
+    overwrite: bool = False,
+    allow_pickle: bool = False,
+) -> dict:
+    """Export ``adapter`` on the HF model at ``base_dir`` into the directory ``output``; return the manifest.
+
+    ``kind``: see the module docstring (adapter inputs also write the adapter beside the graph as
+    ``adapter.onnx_adapter``). ``with_past`` adds KV-cache inputs/outputs to a causal LM. ``dtype``
+    fp16 converts weights, compute and float inputs/outputs. Fails (nothing written) when
+    onnxruntime and torch differ by more than ``tolerance`` (relative to the largest reference
+    value; default ``DEFAULT_TOLERANCE[dtype]``). A pickled base (``pytorch_model.bin``) is read
+    only with ``allow_pickle``.
+    """
+    kind = _check_options(kind, dtype, opset, tolerance)
+    output = check_output_path(output, overwrite)
+    base_dir = Path(base_dir)
+    task = _task(adapter, check_model_dir(base_dir))
+    if with_past and task != CAUSAL_LM:
+        raise UserError(f"--with-past needs a causal LM; {base_dir} is a {task} model")
+    tolerance = DEFAULT_TOLERANCE[dtype] if tolerance is None else tolerance
+    settings = _Settings(kind, task, dtype, opset or DEFAULT_OPSET, with_past, tolerance)
+
+    with tqdm(total=6, desc=f"ONNX export ({kind.value}, {dtype})", unit="stage") as stages:
+        stages.set_postfix_str("loading")
+        model = load_pretrained(base_dir, task, allow_pickle=allow_pickle, dtype=torch.float32).eval()
+        adapter.check_fits(*model_shapes(model), base=str(base_dir))
+        samples = parity_samples(model, graph_spec(model, task, with_past))
+        stages.update()
+
+        stages.set_postfix_str("torch reference")
+        base_extras = {name: model.get_parameter(name).detach().clone() for name in adapter.extra_weights}
+        base_refs = torch_reference(model, task, with_past, samples) if kind == OnnxKind.ADAPTER_INPUTS else None
+        adapter.apply_to(model, base=str(base_dir))
+        refs = torch_reference(model, task, with_past, samples)
+        stages.update()
+
+        stages.set_postfix_str("tracing")
+        traced = _trace(model, adapter, settings, base_extras, samples[0])
+        stages.update()
+
+        stages.set_postfix_str("fp16" if dtype == "fp16" else "manifest")
+        if dtype == "fp16":
+            traced.proto = to_fp16(traced.proto)
+        manifest = _manifest(adapter, model, settings, base_dir, traced, base_extras, samples[0])
+        stages.update()
+
+        with atomic_output_dir(output, overwrite) as tmp:
+            stages.set_postfix_str("saving")
+            model_path = _save(traced, model, adapter, manifest, base_dir, tmp)
+            stages.update()
+
+            stages.set_postfix_str("onnxruntime check")
+            manifest["parity"] = check_parity(
+                model_path, manifest, traced.spec, samples, refs, base_refs, settings.tolerance
+            )
+            write_json(tmp / MANIFEST, manifest)
+            stages.update()
+    return manifest
+
+
+def _check_options(kind: OnnxKind | str, dtype: str, opset: int | None, tolerance: float | None) -> OnnxKind:
+    """The kind as an ``OnnxKind``; a UserError for an unknown kind or dtype or a bad opset or tolerance."""
+    try:
+        kind = OnnxKind(kind)
+    except ValueError:
+        raise UserError(f"unknown ONNX kind {kind!r}: expected one of {', '.join(k.value for k in OnnxKind)}") from None
+    if dtype not in DTYPES:
+        raise UserError(f"unknown dtype {dtype!r}: expected fp32 or fp16")
+    if opset is not None and not MIN_OPSET <= opset <= MAX_OPSET:
+        raise UserError(f"opset {opset} is not supported: use {MIN_OPSET}..{MAX_OPSET}")
+    if tolerance is not None and not (math.isfinite(tolerance) and tolerance > 0):
+        raise UserError(f"tolerance must be a positive number, got {tolerance}")
+    return kind
+
+
+def _task(adapter: CompactAdapter, config: dict) -> str:
+    # The adapter's task wins over the base's architectures: a seq_cls adapter on a plain encoder
+    # checkpoint brings its own classification head. (Ours are named as in hf.py, PEFT's in capitals.)
+    task = _PEFT_TASKS.get(adapter.task_type, adapter.task_type)
+    return task if task in TASKS else infer_task(config)
+
+
+def _trace(
+    model: nn.Module,
+    adapter: CompactAdapter,
+    settings: _Settings,
+    base_extras: dict[str, torch.Tensor],
+    sample: dict[str, torch.Tensor],
+) -> _Traced:
+    """Prepare the adapted model for its kind, trace it on ``sample`` and bind its inputs (fp32 graph)."""
+    prepared = prepare_model(model, adapter, settings.kind, base_extras)
+    spec = graph_spec(model, settings.task, settings.with_past, list(prepared.swappable))
+    trace_values = [sample[name] for name in spec.data_inputs + spec.past_inputs] + list(prepared.swappable.values())
+    proto = trace_to_onnx(GraphWrapper(model, spec).eval(), trace_values, prepared.axes, settings.opset)
+    bind_inputs(proto, prepared.constants, prepared.defaults)
+    return _Traced(proto, spec, prepared)
+
+
+def _manifest(
+    adapter: CompactAdapter,
+    model: nn.Module,
+    settings: _Settings,
+    base_dir: Path,
+    traced: _Traced,
+    base_extras: dict[str, torch.Tensor],
+    sample: dict[str, torch.Tensor],
+) -> dict:
+    """What a server (and a person) needs to know about the graph, parity figures aside."""
+    adapter_inputs = settings.kind == OnnxKind.ADAPTER_INPUTS
+    manifest = Manifest(
+        kind=settings.kind,
+        task=settings.task,
+        model_type=model.config.model_type,
+        dtype=settings.dtype,
+        opset=settings.opset,
+        with_past=settings.with_past,
+        exporter=f"torch.onnx TorchScript exporter, torch {torch.__version__}",
+        base_model_name_or_path=adapter.base_model_name_or_path or str(base_dir),
+        init_r=adapter.config.init_r,
+        lora_alpha=adapter.config.lora_alpha,
+        scale=adapter.scale,
+        rank_pattern=adapter.rank_pattern,
+        branches=traced.prepared.branches,
+        extra_inputs={n: list(t.shape) for n, t in base_extras.items()} if adapter_inputs else {},
+        eos_token_ids=_eos_ids(model),
+        labels={str(k): v for k, v in (model.config.id2label or {}).items()} if settings.task == SEQ_CLS else {},
+    ).to_dict()
+    manifest["inputs"], manifest["outputs"] = io_signature(traced.proto, exclude=set(traced.prepared.defaults))
+    if settings.with_past:
+        manifest["cache"] = _cache_info(sample, traced.spec)
+    return manifest
+
+
+def _save(
+    traced: _Traced, model: nn.Module, adapter: CompactAdapter, manifest: dict, base_dir: Path, directory: Path
+) -> Path:
+    """Write the graph, config, tokenizer and (adapter inputs) the adapter file into ``directory``.
+
+    Drops the in-memory graph once saved. Returns the path of ``model.onnx``.
+    """
+    model_path = save_graph(traced.proto, directory)
+    traced.proto = None  # the weights are on disk now: free their memory before the onnxruntime check
+    model.config.architectures = [type(model).__name__]  # the task exported, whatever the base said
+    model.config.save_pretrained(directory)
+    copy_tokenizer_files(base_dir, directory)
+    if manifest["kind"] == OnnxKind.ADAPTER_INPUTS.value:
+        manifest["adapter_file"] = ADAPTER_FILE
+        write_adapter_file(adapter, manifest, directory / ADAPTER_FILE)
+    return model_path
+
+
+def _eos_ids(model: nn.Module) -> list[int]:
+    config = getattr(model, "generation_config", None) or model.config
+    eos = getattr(config, "eos_token_id", None)
+    if eos is None:
+        return []
+    return [int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos])]
+
+
+def _cache_info(sample: dict[str, torch.Tensor], spec: GraphSpec) -> dict:
+    key = sample[spec.past_inputs[0]]
+    return {
+        "inputs": spec.past_inputs,
+        "outputs": spec.present_outputs,
+        "num_layers": spec.num_layers,
+        "num_kv_heads": key.shape[1],
+        "head_dim": key.shape[3],
+    }

@@ -1,0 +1,175 @@
+"""The export's own check: onnxruntime (CPU) against the torch model on several shapes.
+
+The reference is torch fp32 on the base model with the adapter unmerged; the samples vary batch,
+length (and past length with a cache) and pad one row, and only unpadded positions are compared.
+The session here is a plain CPU ``InferenceSession`` of its own: the runtime (``serving``) is a
+later stage that the converters never import.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from adalora_export.errors import UserError
+from adalora_export.hf import CAUSAL_LM, SEQ_CLS
+
+from .graph import GraphSpec, GraphWrapper, graph_spec
+from .layout import ADAPTER_FILE
+
+_QUIET = 3  # onnxruntime log severity: errors only (no "initializer in graph inputs" warnings)
+
+
+def parity_samples(model: nn.Module, spec: GraphSpec, seed: int = 0) -> list[dict[str, torch.Tensor]]:
+    """Inputs of several batch sizes and lengths, row 1 padded (left for causal LMs, right otherwise).
+
+    With a cache: (batch, new tokens, past) = (2, 4, 3), (1, 6, 0) (a prompt) and (3, 1, 9) (a
+    decode step); without: (batch, length) = (3, 11), (1, 6), (2, 1). The first one is traced: no
+    size 0 or 1 there, which the tracer could take for a constant.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    vocab = model.config.get_text_config().vocab_size
+    shapes = [(2, 4, 3), (1, 6, 0), (3, 1, 9)] if spec.with_past else [(3, 11, 0), (1, 6, 0), (2, 1, 0)]
+    if spec.with_past:
+        with torch.no_grad():
+            probe = model(input_ids=torch.zeros(1, 1, dtype=torch.long), use_cache=True).cache
+        kv_heads, head_dim = probe.layers[0].keys.shape[1], probe.layers[0].keys.shape[3]
+    samples = []
+    for batch, length, past in shapes:
+        total = past + length
+        mask = torch.ones(batch, total, dtype=torch.long)
+        if batch > 1:
+            pad = min(batch + 1, total - 1)
+            if spec.task == CAUSAL_LM:
+                mask[1, :pad] = 0
+            else:
+                mask[1, total - pad :] = 0
+        sample = {"input_ids": torch.randint(0, vocab, (batch, length), generator=gen), "attention_mask": mask}
+        if "position_ids" in spec.data_inputs:
+            positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
+            sample["position_ids"] = positions[:, past:]
+        if "token_type_ids" in spec.data_inputs:
+            sample["token_type_ids"] = torch.zeros(batch, length, dtype=torch.long)
+        for name in spec.past_inputs:
+            sample[name] = torch.randn(batch, kv_heads, past, head_dim, generator=gen)
+        samples.append(sample)
+    return samples
+
+
+def torch_reference(
+    model: nn.Module, task: str, with_past: bool, samples: list[dict]
+) -> list[tuple[torch.Tensor, ...]]:
+    """The model's outputs (fp32) on every sample, in the graph's output order."""
+    spec = graph_spec(model, task, with_past)
+    wrapper = GraphWrapper(model, spec).eval()
+    with torch.no_grad():
+        return [
+            tuple(t.float() for t in wrapper(*(s[n] for n in spec.data_inputs + spec.past_inputs))) for s in samples
+        ]
+
+
+@dataclass
+class _Run:
+    """One pass over the samples: which adapter is active (as the report names it) and against what."""
+
+    adapter: str  # "adapter" or "none"
+    references: list[tuple[torch.Tensor, ...]]
+    options: object = None  # onnxruntime RunOptions with the adapter active, or None
+
+
+def check_parity(
+    model_path: Path,
+    manifest: dict,
+    spec: GraphSpec,
+    samples: list[dict],
+    refs: list[tuple[torch.Tensor, ...]],
+    base_refs: list[tuple[torch.Tensor, ...]] | None,
+    tolerance: float,
+) -> dict:
+    """Run onnxruntime (CPU) on every sample, compare with torch, raise UserError past ``tolerance``.
+
+    Adapter-input graphs (``base_refs`` given) are checked twice: with their adapter
+    (``adapter.onnx_adapter`` beside the graph) active against base + adapter, and with none
+    against the base.
+    """
+    import onnxruntime as ort
+
+    session = _cpu_session(model_path)
+    float_type = np.float16 if manifest["dtype"] == "fp16" else np.float32
+    runs = [_Run("adapter", refs)]
+    if base_refs is not None:
+        lora = ort.LoraAdapter()
+        lora.Load(str(model_path.parent / ADAPTER_FILE))
+        options = ort.RunOptions()
+        options.add_active_adapter(lora)
+        runs = [_Run("adapter", refs, options), _Run("none", base_refs)]
+    checks = []
+    for run in runs:
+        for sample, ref in zip(samples, run.references):
+            feeds = {k: v.numpy().astype(float_type) if v.is_floating_point() else v.numpy() for k, v in sample.items()}
+            outputs = session.run(spec.output_names, feeds, run.options)
+            checks += _compare(spec, sample, run.adapter, outputs, ref)
+    worst = 0.0
+    for check in checks:  # a running max, as the figures came
+        worst = max(worst, check["relative_error"])
+    if not math.isfinite(worst) or worst > tolerance:
+        raise UserError(
+            f"onnxruntime differs from torch by {worst:.3g} (relative) on {model_path.name}, "
+            f"over the tolerance {tolerance:g}; nothing written"
+        )
+    return {
+        "reference": "torch fp32, base model + unmerged adapter",
+        "metric": "max |onnxruntime - torch| / max |torch| over unpadded positions",
+        "tolerance": tolerance,
+        "max_relative_error": worst,
+        "checks": checks,
+    }
+
+
+def _compare(spec: GraphSpec, sample: dict, active: str, outputs: list, ref: tuple) -> list[dict]:
+    """One check entry per output of one sample with anything to compare."""
+    checks = []
+    past = sample[spec.past_inputs[0]].shape[2] if spec.with_past else 0
+    for name, got, want in zip(spec.output_names, outputs, ref):
+        got, want = got.astype(np.float32), want.numpy()
+        valid = _valid(sample, spec, name)
+        if valid is not None:
+            got, want = got[valid], want[valid]
+        if want.size == 0:
+            continue
+        error = float(np.abs(got - want).max())
+        checks.append(
+            {
+                "output": name,
+                "adapter": active,
+                "batch": int(sample["input_ids"].shape[0]),
+                "sequence": int(sample["input_ids"].shape[1]),
+                "past": int(past),
+                "max_abs_error": error,
+                "relative_error": error / max(float(np.abs(want).max()), 1e-12),
+            }
+        )
+    return checks
+
+
+def _valid(sample: dict[str, torch.Tensor], spec: GraphSpec, output: str) -> np.ndarray | None:
+    """Boolean mask of the output positions to compare (unpadded tokens), None for all."""
+    if output.startswith("present.") or spec.task == SEQ_CLS:
+        return None
+    length = sample["input_ids"].shape[1]
+    return sample["attention_mask"][:, -length:].bool().numpy()
+
+
+def _cpu_session(model_path: Path):
+    """A quiet CPU InferenceSession with every graph optimization, as a CPU server would run it."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = _QUIET
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    return ort.InferenceSession(str(model_path), sess_options=options, providers=["CPUExecutionProvider"])
