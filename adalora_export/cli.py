@@ -6,7 +6,6 @@ written); 1 an unexpected failure.
 
 from __future__ import annotations
 
-import dataclasses
 import signal
 import sys
 
@@ -18,12 +17,12 @@ from .demo import run_demo
 from .errors import UserError
 from .export import LORA_FORMATS, LORA_LAYOUTS, export_adapter
 from .io import disk_full, disk_full_message
+from .model import parse_target_modules
 from .prune import prune as prune_source
 from .report import inspect_adapter
 from .serving import PROVIDERS
 from .serving import infer as run_inference
-from .training import TrainArgs
-from .training import train as run_training
+from .train import train as run_training
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -108,31 +107,9 @@ _TRAIN_OPTIONS = [
 ]
 
 
-def _click_type(f: dataclasses.Field):
-    choices = f.metadata.get("choices")
-    if choices:
-        return click.Choice(list(choices))
-    kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
-    for name, click_type in (("int", int), ("float", float), ("bool", bool)):
-        if kind.split("|")[0].strip() == name:
-            return click_type
-    return click.Path() if f.metadata.get("path") else str
-
-
 def _train_options(func):
-    """Every CLI-facing field of ``TrainArgs`` becomes an option, with the library's default and help."""
-    for f in reversed(dataclasses.fields(TrainArgs)):
-        if not f.metadata.get("cli", True):
-            continue
-        default = None if f.default is dataclasses.MISSING else f.default
-        func = _option(
-            f.name,
-            type=_click_type(f),
-            default=default,
-            show_default=default is not None,
-            required=bool(f.metadata.get("required")),
-            help=f.metadata.get("help"),
-        )(func)
+    for name, kwargs in reversed(_TRAIN_OPTIONS):
+        func = _option(name, **kwargs)(func)
     return func
 
 
@@ -143,6 +120,8 @@ def _train_options(func):
 @click.pass_context
 def train(ctx: click.Context, resume: bool, overwrite: bool, **options) -> None:
     """Train an AdaLoRA adapter: --model BASE_DIR --data FILE --output RUN_DIR (torchrun for several ranks)."""
+    if options["target_modules"] is not None:
+        options["target_modules"] = parse_target_modules(options["target_modules"])
     if resume:  # the run's own options apply; pass on only what was given, to be checked against them
         source = click.core.ParameterSource
         options = {k: v for k, v in options.items() if k == "output" or ctx.get_parameter_source(k) != source.DEFAULT}

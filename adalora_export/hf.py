@@ -26,6 +26,8 @@ def task_from_peft(peft_name: str | None) -> str | None:
     """Our name for a PEFT task type; types we have no name for are kept as PEFT spells them."""
     ours = {v: k for k, v in PEFT_TASK_TYPES.items()}
     return ours.get(peft_name, peft_name) if peft_name else None
+
+
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 
 

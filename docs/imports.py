@@ -31,14 +31,15 @@ STAGES = [
     ["state", "formats"],
     ["sources"],
     ["prune", "report"],
-    ["training"],
+    ["training", "train", "data", "checkpoint", "hf_trainer"],  # the training branch
     ["converters"],
     ["serving"],
     ["export"],
     ["demo"],
     ["cli"],
 ]
-NEVER = [("training", "converters"), ("converters", "training"), ("converters", "serving")]
+NEVER = [(t, "converters") for t in ("training", "train", "data", "checkpoint", "hf_trainer")]
+NEVER += [("converters", t) for t in ("training", "train", "data", "checkpoint", "hf_trainer", "serving")]
 
 
 def module_name(path: Path) -> str:

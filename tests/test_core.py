@@ -23,7 +23,6 @@ from adalora_export import (
 )
 
 
-
 def train(model, config, total, steps=None, seed=3, lr=2e-2, on_step=None):
     """A minimal loop with the step contract of docs/design.md; returns (allocator, optimizer, losses)."""
     allocator = RankAllocator(model, config, total_step=total)

@@ -16,8 +16,8 @@ from adalora_export.data import (
     shard,
     step_indices,
 )
-from adalora_export.toy import toy_tokenizer
 from adalora_export.errors import UserError
+from adalora_export.toy import toy_tokenizer
 
 WORDS = "the a cat dog sat ran on mat fast slow good bad very user assistant system : hi hello bye".split()
 

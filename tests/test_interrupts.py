@@ -35,8 +35,8 @@ from support import (
 )
 
 from adalora_export.checkpoint import list_checkpoints, load_checkpoint
-from adalora_export.sources import load_adapter
 from adalora_export.io import atomic_output_dir, remove_stale_siblings
+from adalora_export.sources import load_adapter
 from adalora_export.state import load_adapter_state
 
 TRIALS = 10

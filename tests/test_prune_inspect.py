@@ -13,9 +13,9 @@ from support import LLAMA_TARGETS, tiny_llama, train_adalora
 
 from adalora_export import AdaLoraConfig
 from adalora_export.formats import ADAPTER_CONFIG, ADAPTER_WEIGHTS
-from adalora_export.sources import load_adapter
 from adalora_export.prune import prune
 from adalora_export.report import format_table, rank_grid
+from adalora_export.sources import load_adapter
 from adalora_export.state import load_adapter_state, save_adapter_state
 
 REPO = Path(__file__).resolve().parents[1]

@@ -13,10 +13,10 @@ from safetensors.torch import load_file, save_file
 
 from adalora_export import cli
 from adalora_export.checkpoint import list_checkpoints, load_checkpoint
-from adalora_export.toy import write_toy_model
 from adalora_export.errors import UserError
 from adalora_export.sources import load_adapter
 from adalora_export.state import load_adapter_state
+from adalora_export.toy import write_toy_model
 from adalora_export.train import train
 
 WORDS = "the a cat dog bird sat ran flew on under over mat tree house fast slow red blue big small".split()

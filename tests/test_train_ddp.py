@@ -10,8 +10,8 @@ from pathlib import Path
 
 import torch
 
-from adalora_export.toy import write_toy_model
 from adalora_export.sources import load_adapter
+from adalora_export.toy import write_toy_model
 from adalora_export.train import train
 
 ROOT = Path(__file__).resolve().parent.parent
