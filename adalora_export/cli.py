@@ -153,7 +153,7 @@ def demo(output: str | None, steps: int | None, overwrite: bool) -> None:
     help="With --to lora: compact (per-module ranks; default) or uniform (all at the largest rank; README).",
 )
 @click.option("--dtype", type=click.Choice(DTYPES), default=None, help="With --onnx: weight dtype (default fp32).")
-@click.option("--opset", type=click.IntRange(MIN_OPSET, MAX_OPSET), default=None, help="With --onnx: ONNX opset.")
+@click.option("--opset", type=int, default=None, help=f"With --onnx: ONNX opset ({MIN_OPSET}..{MAX_OPSET}).")
 @click.option("--with-past", is_flag=True, help="With --onnx: causal LM graph with a KV cache.")
 @click.option("--adapter-inputs", is_flag=True, help="With --onnx: adapter weights are hot-swappable inputs.")
 @click.option("--tolerance", type=float, default=None, help="With --onnx: largest relative ONNX/torch difference.")

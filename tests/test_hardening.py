@@ -786,7 +786,7 @@ def run_in_process(argv: list, capsys) -> tuple[int, str]:
 
 def test_matrix_is_large_enough():
     commands = {name.split("/")[0] for name in CASES}
-    assert len(CASES) >= 30 and commands == {"prune", "inspect", "lora", "merge", "onnx", "train", "infer"}
+    assert len(CASES) >= 30 and commands == {"prune", "inspect", "lora", "merge", "onnx", "flags", "train", "infer"}
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
@@ -848,7 +848,7 @@ def test_cli_subprocess_maps_a_full_disk_to_exit_2(env, tmp_path):
     import subprocess
     import sys
 
-    from hardening_fixtures import ROOT, SERVER_ENV
+    from support import ROOT, SERVER_ENV
 
     out = tmp_path / "lora"
 
