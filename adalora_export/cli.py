@@ -6,23 +6,24 @@ written); 1 an unexpected failure.
 
 from __future__ import annotations
 
+import dataclasses
 import signal
 import sys
 
 import click
 
-from .config import PRESETS  # TEMPORARY with _TRAIN_OPTIONS
 from .converters.onnx import DTYPES, MAX_OPSET, MIN_OPSET
 from .demo import run_demo
 from .errors import UserError
 from .export import LORA_FORMATS, LORA_LAYOUTS, export_adapter
 from .io import disk_full, disk_full_message
-from .model import parse_target_modules
 from .prune import prune as prune_source
 from .report import inspect_adapter
 from .serving import PROVIDERS
 from .serving import infer as run_inference
-from .train import train as run_training
+from .training import TrainArgs
+from .training import train as run_training
+from .training.args import option_types
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -37,79 +38,26 @@ def _option(name: str, **kwargs):
     return click.option(f"--{name}", *([f"--{dashed}"] if dashed != name else []), name, **kwargs)
 
 
-# TEMPORARY (being moved into TrainArgs field metadata; removed once training/args.py has it)
-_TRAIN_OPTIONS = [
-    ("model", dict(type=click.Path(), default=None, help="Base model: a local Hugging Face directory.")),
-    ("data", dict(type=click.Path(), default=None, help="Training data: .jsonl or .txt (see README).")),
-    ("output", dict(type=click.Path(), required=True, help="Run directory to write (RUN_DIR).")),
-    ("validation", dict(type=click.Path(), default=None, help="Validation file: eval loss (+accuracy).")),
-    ("task", dict(type=click.Choice(["causal_lm", "seq_cls"]), default=None, help="Default: from data/model.")),
-    ("target_modules", dict(default=None, help="Comma-separated module names, or 're:REGEX' (default: family).")),
-    ("epochs", dict(type=int, default=None, help="Passes over the data (default 1).")),
-    ("max_steps", dict(type=int, default=None, help="Optimizer steps (instead of --epochs).")),
-    ("lr", dict(type=float, default=5e-4, show_default=True, help="Peak learning rate (AdamW).")),
-    ("batch_size", dict(type=int, default=8, show_default=True, help="Examples per micro-batch and rank.")),
-    ("grad_accum", dict(type=int, default=1, show_default=True, help="Micro-batches per optimizer step.")),
-    (
-        "max_length",
-        dict(
-            type=int,
-            default=512,
-            show_default=True,
-            help="Tokens per example; longer records are truncated: text keeps its start; prompt+completion "
-            "keeps the completion's start (at least half the budget) and the prompt's end.",
-        ),
-    ),
-    ("warmup_ratio", dict(type=float, default=0.06, show_default=True, help="Share of steps of linear warm-up.")),
-    ("weight_decay", dict(type=float, default=0.0, show_default=True, help="AdamW weight decay (matrices).")),
-    ("max_grad_norm", dict(type=float, default=1.0, show_default=True, help="Gradient clipping; 0 disables.")),
-    ("lora_alpha", dict(type=float, default=8.0, show_default=True, help="Scale = alpha / init_r.")),
-    ("lora_dropout", dict(type=float, default=0.0, show_default=True, help="Dropout on the adapter input.")),
-    ("seed", dict(type=int, default=42, show_default=True, help="Seed of initialisation, data order, dropout.")),
-    (
-        "save_steps",
-        dict(type=int, default=500, show_default=True, help="Checkpoint every N steps and at the end (0: none)."),
-    ),
-    ("eval_steps", dict(type=int, default=None, help="Evaluate every N steps (default: before and after).")),
-    ("keep_checkpoints", dict(type=int, default=3, show_default=True, help="Checkpoints kept (0: all).")),
-    (
-        "precision",
-        dict(
-            type=click.Choice(["auto", "fp32", "bf16", "fp16"]),
-            default="auto",
-            show_default=True,
-            help="Autocast on GPUs (auto: bf16 where supported, else fp16); the CPU trains in fp32.",
-        ),
-    ),
-    ("train_type", dict(default="adalora", show_default=True, help="Must be adalora.")),
-    ("adalora_target_r", dict(type=int, default=8, show_default=True, help="Target average rank.")),
-    ("adalora_init_r", dict(type=int, default=12, show_default=True, help="Initial rank of every matrix.")),
-    ("adalora_tinit", dict(type=int, default=0, show_default=True, help="Warm-up steps before pruning.")),
-    ("adalora_tfinal", dict(type=int, default=0, show_default=True, help="Final steps at the fixed budget.")),
-    ("adalora_deltaT", dict(type=int, default=1, show_default=True, help="Mask every deltaT steps.")),
-    ("adalora_beta1", dict(type=float, default=0.85, show_default=True, help="EMA factor of sensitivity.")),
-    ("adalora_beta2", dict(type=float, default=0.85, show_default=True, help="EMA factor of uncertainty.")),
-    ("adalora_orth_reg_weight", dict(type=float, default=0.5, show_default=True, help="Orthogonal term weight.")),
-    (
-        "adalora_final_orth_reg_weight",
-        dict(type=float, default=None, help="Orthogonal weight once ranks are frozen (default: same)."),
-    ),
-    (
-        "adalora_preset",
-        dict(
-            type=click.Choice(PRESETS),
-            default="paper",
-            show_default=True,
-            help="paper: the schedule as given. recommended: tinit 10%, tfinal 50% of the steps, no orthogonal "
-            "term once ranks are frozen (BENCHMARKS.md).",
-        ),
-    ),
-]
+def _parsed_by(parse):
+    """A click callback that reads the flag's text with the library's own parser."""
+    return lambda ctx, param, value: parse(value) if value is not None else None
 
 
 def _train_options(func):
-    for name, kwargs in reversed(_TRAIN_OPTIONS):
-        func = _option(name, **kwargs)(func)
+    """The train command's options, one per ``TrainArgs`` field: its help, choices and default."""
+    types = option_types()
+    for f in reversed(dataclasses.fields(TrainArgs)):
+        meta = f.metadata
+        kind = click.Choice(meta["choices"]) if meta["choices"] else click.Path() if meta["path"] else types[f.name]
+        func = _option(
+            f.name,
+            type=kind,
+            default=f.default,
+            required=f.name == "output",
+            show_default=f.default is not None,
+            help=meta["help"],
+            callback=_parsed_by(meta["parse"]) if meta["parse"] else None,
+        )(func)
     return func
 
 
@@ -120,8 +68,6 @@ def _train_options(func):
 @click.pass_context
 def train(ctx: click.Context, resume: bool, overwrite: bool, **options) -> None:
     """Train an AdaLoRA adapter: --model BASE_DIR --data FILE --output RUN_DIR (torchrun for several ranks)."""
-    if options["target_modules"] is not None:
-        options["target_modules"] = parse_target_modules(options["target_modules"])
     if resume:  # the run's own options apply; pass on only what was given, to be checked against them
         source = click.core.ParameterSource
         options = {k: v for k, v in options.items() if k == "output" or ctx.get_parameter_source(k) != source.DEFAULT}

@@ -24,7 +24,7 @@ from .io import check_output_path
 from .serving import OnnxServer
 from .sources import load_adapter
 from .toy import write_toy_model
-from .train import train
+from .training import train
 
 VOCAB_NUMBERS = 100
 

@@ -118,6 +118,7 @@ def _short_names(types: list[str]) -> list[str]:
 
 def plot_rank_heatmap(adapter: CompactAdapter, png_path: str | os.PathLike, overwrite: bool = False) -> Path:
     """Draw the rank heat map (rows: layers, columns: module types, each cell its rank) into a PNG, atomically."""
+    import matplotlib
     import numpy as np
     from matplotlib.figure import Figure  # a bare Figure renders with Agg; pyplot's global state is untouched
     from matplotlib.ticker import MaxNLocator
@@ -130,8 +131,8 @@ def plot_rank_heatmap(adapter: CompactAdapter, png_path: str | os.PathLike, over
         values[i, j] = rank
     fig = Figure(figsize=(max(5.0, 1.6 + 0.85 * len(types)), max(3.0, 1.6 + 0.32 * len(labels))))
     ax = fig.add_subplot()
-    image = ax.imshow(np.ma.masked_invalid(values), cmap="viridis", vmin=0, vmax=init_r, aspect="auto")
-    image.cmap.set_bad("#dddddd")  # a layer without that module type
+    cmap = matplotlib.colormaps["viridis"].with_extremes(bad="#dddddd")  # grey: a layer without that module type
+    image = ax.imshow(np.ma.masked_invalid(values), cmap=cmap, vmin=0, vmax=init_r, aspect="auto")
     fontsize = max(6, min(11, 220 // max(len(labels), 1)))
     for (i, j), rank in grid.items():
         color = "white" if rank < 0.6 * init_r else "black"  # viridis is dark at the low end

@@ -31,15 +31,14 @@ STAGES = [
     ["state", "formats"],
     ["sources"],
     ["prune", "report"],
-    ["training", "train", "data", "checkpoint", "hf_trainer"],  # the training branch
+    ["training"],  # the training branch
     ["converters"],
     ["serving"],
     ["export"],
     ["demo"],
     ["cli"],
 ]
-NEVER = [(t, "converters") for t in ("training", "train", "data", "checkpoint", "hf_trainer")]
-NEVER += [("converters", t) for t in ("training", "train", "data", "checkpoint", "hf_trainer", "serving")]
+NEVER = [("training", "converters"), ("converters", "training"), ("converters", "serving")]
 
 
 def module_name(path: Path) -> str:

@@ -345,7 +345,7 @@ def _serve() -> None:
     import adalora_export.prune  # noqa: F401
     import adalora_export.report  # noqa: F401
     import adalora_export.serving  # noqa: F401
-    import adalora_export.train  # noqa: F401
+    import adalora_export.training  # noqa: F401
     from adalora_export import cli
 
     tqdm.tqdm.monitor_interval = 0  # no monitor thread (see above)

@@ -1,4 +1,4 @@
-"""Data formats of adalora_export.data: every format, the length policy, batching, and each malformed record."""
+"""Data formats of adalora_export.training.data: each format, the length policy, batching, bad records."""
 
 from __future__ import annotations
 
@@ -6,7 +6,9 @@ import json
 
 import pytest
 
-from adalora_export.data import (
+from adalora_export.errors import UserError
+from adalora_export.toy import toy_tokenizer
+from adalora_export.training.data import (
     CAUSAL_LM,
     IGNORE,
     SEQ_CLS,
@@ -16,8 +18,6 @@ from adalora_export.data import (
     shard,
     step_indices,
 )
-from adalora_export.errors import UserError
-from adalora_export.toy import toy_tokenizer
 
 WORDS = "the a cat dog sat ran on mat fast slow good bad very user assistant system : hi hello bye".split()
 

@@ -38,7 +38,8 @@ from support import (
 )
 
 from adalora_export import cli
-from adalora_export.checkpoint import list_checkpoints, load_checkpoint
+from adalora_export.state import list_checkpoints
+from adalora_export.training.checkpoint import load_checkpoint
 
 PROGRESS = re.compile(r"\d+%\|.*\|")  # a tqdm bar: "desc:  17%|█▋        | 1/6 [00:00<00:01, ...]"
 SAFETENSORS_DAMAGE = ["cut_header", "past_end", "bad_offsets", "wrong_dtype", "cut_data"]

@@ -34,10 +34,10 @@ from support import (
     write_data,
 )
 
-from adalora_export.checkpoint import list_checkpoints, load_checkpoint
 from adalora_export.io import atomic_output_dir, remove_stale_siblings
 from adalora_export.sources import load_adapter
-from adalora_export.state import load_adapter_state
+from adalora_export.state import list_checkpoints, load_adapter_state
+from adalora_export.training.checkpoint import load_checkpoint
 
 TRIALS = 10
 

@@ -12,12 +12,12 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from adalora_export import cli
-from adalora_export.checkpoint import list_checkpoints, load_checkpoint
 from adalora_export.errors import UserError
 from adalora_export.sources import load_adapter
-from adalora_export.state import load_adapter_state
+from adalora_export.state import list_checkpoints, load_adapter_state
 from adalora_export.toy import write_toy_model
-from adalora_export.train import train
+from adalora_export.training import train
+from adalora_export.training.checkpoint import load_checkpoint
 
 WORDS = "the a cat dog bird sat ran flew on under over mat tree house fast slow red blue big small".split()
 # Short runs: 12 optimizer steps, budget phase 3..8, final shrink at step 8 (tfinal 4).
@@ -188,7 +188,7 @@ def cli_exit(argv: list[str]) -> int:
     "flags, message",
     [
         (["--adalora_tinit", "10", "--adalora-tfinal", "2"], "no budget phase"),
-        (["--train_type", "lora"], "train_type 'lora' is not trained here"),
+        (["--train_type", "lora"], "Invalid value for '--train_type'"),
         (["--adalora_target_r", "20"], "must not exceed adalora_init_r"),
         (["--target_modules", "nothing_here"], "match no nn.Linear"),
         (["--batch_size", "64"], "fewer than one optimizer step"),

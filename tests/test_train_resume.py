@@ -12,9 +12,9 @@ from pathlib import Path
 
 import torch
 
-from adalora_export.checkpoint import list_checkpoints
+from adalora_export.state import list_checkpoints
 from adalora_export.toy import write_toy_model
-from adalora_export.train import train
+from adalora_export.training import train
 
 ROOT = Path(__file__).resolve().parent.parent
 WORDS = "the a cat dog bird sat ran flew on under over mat tree house fast slow red blue big small".split()

@@ -8,9 +8,9 @@ from transformers import TrainerCallback, TrainingArguments
 
 from adalora_export import AdaLoraConfig, adapted_layers, inject_adapters, orthogonal_regularizer
 from adalora_export.hf import load_pretrained
-from adalora_export.hf_trainer import AdaLoraTrainer
 from adalora_export.sources import load_adapter
 from adalora_export.toy import write_toy_model
+from adalora_export.training.hf_trainer import AdaLoraTrainer
 
 WORDS = [str(i) for i in range(40)]
 

@@ -32,11 +32,12 @@ from pathlib import Path
 import torch
 from transformers import Trainer, TrainerCallback
 
-from .adapter import CompactAdapter
-from .allocator import Allocation, RankAllocator
-from .config import AdaLoraConfig
-from .errors import UserError
-from .model import orthogonal_regularizer
+from ..adapter import CompactAdapter
+from ..allocator import Allocation, RankAllocator
+from ..config import AdaLoraConfig
+from ..errors import UserError
+from ..formats import save_adapter
+from ..model import orthogonal_regularizer
 
 
 class AdaLoraCallback(TrainerCallback):
@@ -109,6 +110,4 @@ class AdaLoraTrainer(Trainer):
 
     def save_adapter(self, path: str | os.PathLike, task_type: str | None = None, overwrite: bool = False) -> Path:
         """Write the compact adapter (a PEFT AdaLoRA directory) with ``adalora_export.formats.save_adapter``."""
-        from .formats import save_adapter
-
         return save_adapter(self.compact_adapter(task_type), path, overwrite=overwrite)

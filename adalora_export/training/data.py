@@ -32,11 +32,10 @@ from typing import Any
 
 import torch
 
-from .errors import UserError
+from ..errors import UserError
+from ..hf import CAUSAL_LM, SEQ_CLS
 
 IGNORE = -100  # label of tokens that carry no loss (prompt, padding)
-CAUSAL_LM = "causal_lm"
-SEQ_CLS = "seq_cls"
 
 
 @dataclass
@@ -306,3 +305,13 @@ def collate(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
     else:
         batch["labels"] = torch.tensor([e.label for e in examples], dtype=torch.long)
     return batch
+
+
+def micro_batches(
+    dataset: Dataset, step: int, global_batch: int, rank: int, world_size: int, micro_batch: int, seed: int, pad_id: int
+) -> list[dict[str, torch.Tensor]]:
+    """This rank's collated micro-batches of optimizer step ``step`` (1-based)."""
+    indices = step_indices(step, len(dataset), global_batch, seed)
+    return [
+        collate([dataset.examples[i] for i in ids], pad_id) for ids in shard(indices, rank, world_size, micro_batch)
+    ]

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import os
 import random
-import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,16 +26,16 @@ import numpy as np
 import torch
 from safetensors.torch import save_file
 
-from .allocator import RankAllocator
-from .config import AdaLoraConfig
-from .errors import UserError
-from .io import atomic_output_dir, load_tensors, read_json, write_json
-from .state import AdapterState, load_adapter_state, save_adapter_state
+from ..allocator import RankAllocator
+from ..config import AdaLoraConfig
+from ..errors import UserError
+from ..io import atomic_output_dir, load_tensors, read_json, write_json
+from ..state import AdapterState, list_checkpoints, load_adapter_state, restore_model, save_adapter_state
+from .data import Dataset
 
 OPTIMIZER_FILE = "optimizer.safetensors"
 RNG_FILE = "rng.safetensors"
 TRAINER_STATE = "trainer_state.json"
-CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 
 
 @dataclass
@@ -150,24 +149,6 @@ def save_checkpoint(
     return path
 
 
-def list_checkpoints(run_dir: str | os.PathLike) -> list[Path]:
-    """Complete checkpoints of a run, oldest first (half-written ones never carry the final name)."""
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        return []
-    found = []
-    for child in run_dir.iterdir():
-        match = CHECKPOINT_RE.match(child.name)
-        if match and child.is_dir() and (child / TRAINER_STATE).is_file():
-            found.append((int(match.group(1)), child))
-    return [path for _, path in sorted(found)]
-
-
-def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
-    found = list_checkpoints(run_dir)
-    return found[-1] if found else None
-
-
 def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
     """Read a checkpoint directory; missing or corrupt files are UserErrors naming them."""
     path = Path(path)
@@ -192,3 +173,22 @@ def rank_rng(checkpoint: Checkpoint, rank: int) -> tuple[dict[str, torch.Tensor]
     if not tensors:
         raise UserError(f"{checkpoint.path}: no RNG state for rank {rank}")
     return tensors, checkpoint.trainer_state["rng"][rank]
+
+
+# -------------------------------------------------------------------------- resume
+def restore_adapter(path: Path, model: torch.nn.Module, allocator: RankAllocator, train_set: Dataset) -> Checkpoint:
+    """Read the checkpoint at ``path`` and put its adapter and allocator state into ``model`` and ``allocator``.
+
+    The optimizer follows with ``restore_optimizer`` once it is built over the restored parameters.
+    """
+    checkpoint = load_checkpoint(path)
+    if checkpoint.trainer_state.get("data_fingerprint") != train_set.fingerprint:
+        raise UserError(f"{train_set.path} is not the file this run was trained on; cannot resume {path.parent}")
+    restore_model(model, checkpoint.adapter, allocator)
+    return checkpoint
+
+
+def restore_optimizer(checkpoint: Checkpoint, optimizer: torch.optim.Optimizer, names: list[str], rank: int) -> None:
+    """The optimizer's state and this rank's RNG states, as the checkpoint saved them."""
+    load_optimizer_state(optimizer, names, checkpoint.optimizer_tensors, checkpoint.trainer_state["optimizer"])
+    set_rng_state(*rank_rng(checkpoint, rank))

@@ -1,0 +1,143 @@
+"""Everything a run builds before its first step: seeds, tokenizer, task, data, the adapted model, AdamW.
+
+Each function checks its own input and raises a UserError naming it, so that a bad run fails here,
+before ``loop.train`` writes anything.
+"""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..config import AdaLoraConfig
+from ..errors import UserError
+from ..hf import CAUSAL_LM, SEQ_CLS, infer_task, load_pretrained
+from ..model import inject_adapters
+from .args import TrainArgs
+from .data import Dataset, detect_task, load_dataset, steps_per_epoch
+
+HEAD_MODULES = ["classifier", "score", "pre_classifier"]  # fresh classification heads stay fully trainable
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def load_tokenizer(model_dir: str):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(model_dir, local_files_only=True, trust_remote_code=False)
+    except (OSError, ValueError, TypeError) as exc:
+        raise UserError(f"cannot load a tokenizer from {model_dir}: {str(exc).splitlines()[0]}") from None
+
+
+def pad_token_id(tokenizer) -> int:
+    for candidate in (tokenizer.pad_token_id, tokenizer.eos_token_id):
+        if candidate is not None:
+            return int(candidate)
+    return 0
+
+
+def choose_task(args: TrainArgs, model_config: dict) -> str:
+    """--task, else seq_cls when the data has labels, else the model's own task."""
+    task = args.task or detect_task(args.data) or infer_task(model_config)
+    if task not in (CAUSAL_LM, SEQ_CLS):
+        raise UserError(f"{args.model} is a bare encoder: pass --task seq_cls with labelled data, or use a causal LM")
+    return task
+
+
+def load_datasets(args: TrainArgs, tokenizer, task: str) -> tuple[Dataset, Dataset | None]:
+    """The training set and the optional validation set, with the training set's classes."""
+    train_set = load_dataset(args.data, tokenizer, task, args.max_length)
+    if not args.validation:
+        return train_set, None
+    val_set = load_dataset(
+        args.validation,
+        tokenizer,
+        task,
+        args.max_length,
+        label_names=train_set.label_names,
+        num_labels=train_set.meta["num_labels"],
+    )
+    return train_set, val_set
+
+
+def count_steps_per_epoch(args: TrainArgs, train_set: Dataset, global_batch: int) -> int:
+    """Optimizer steps per epoch; a data set smaller than one step is an error."""
+    per_epoch = steps_per_epoch(len(train_set), global_batch)
+    if per_epoch == 0:
+        raise UserError(
+            f"{args.data} has {len(train_set)} examples, fewer than one optimizer step takes "
+            f"(batch_size x grad_accum x ranks = {global_batch}); lower --batch_size or --grad_accum"
+        )
+    return per_epoch
+
+
+def load_model(
+    model_dir: str,
+    task: str,
+    train_set: Dataset,
+    config: AdaLoraConfig,
+    device: torch.device,
+    amp_dtype: torch.dtype | None,
+    pad_id: int,
+) -> nn.Module:
+    """The base in fp32 (CPU) or the autocast dtype (GPU) with the SVD adapters injected, on ``device``.
+
+    A classifier gets the data's classes and a fresh head, trained in full and in fp32.
+    """
+    kwargs = {"dtype": amp_dtype or torch.float32}
+    if task == SEQ_CLS:
+        num_labels = train_set.meta["num_labels"]
+        names = train_set.label_names or [str(i) for i in range(num_labels)]
+        kwargs.update(
+            num_labels=num_labels,
+            id2label=dict(enumerate(names)),
+            label2id={n: i for i, n in enumerate(names)},
+        )
+    model = load_pretrained(model_dir, task, **kwargs)
+    if task == SEQ_CLS:
+        model.config.pad_token_id = pad_id  # decoder classifiers find the last real token by it
+    inject_adapters(model, config, trainable=HEAD_MODULES if task == SEQ_CLS else None)
+    model.to(device)
+    for module in model.modules():  # a fresh head of a half-precision base trains in fp32
+        for p in module.parameters(recurse=False):
+            if p.requires_grad:
+                p.data = p.data.float()
+    model.train()
+    return model
+
+
+def optimizer_param_names(model: nn.Module) -> list[list[str]]:
+    """The trainable parameters by name, in two groups: with weight decay (matrices) and without (biases,
+    norms, E). Taken once before any shrink; checkpoints name the optimizer state by these names."""
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    decay = [n for n, p in named if p.dim() >= 2 and not n.endswith("lora_E")]
+    return [decay, [n for n, _ in named if n not in set(decay)]]
+
+
+def build_optimizer(model: nn.Module, groups: list[list[str]], lr: float, weight_decay: float) -> torch.optim.AdamW:
+    """AdamW over the model's current parameters of those names."""
+    params = dict(model.named_parameters())
+    decays = (weight_decay, 0.0)
+    param_groups = [{"params": [params[n] for n in g], "weight_decay": d} for g, d in zip(groups, decays) if g]
+    return torch.optim.AdamW(param_groups, lr=lr)
+
+
+def describe_run(model, allocator, train_set, task, total_step, per_epoch, global_batch, amp_dtype) -> str:
+    """The one line a run prints before its first step."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    device = next(model.parameters()).device
+    return (
+        f"{task}: {len(train_set)} examples ({train_set.truncated} truncated), {per_epoch} steps/epoch at global "
+        f"batch {global_batch}, total_step {total_step}; {len(allocator.layers)} adapted matrices, budget "
+        f"{allocator.init_budget} -> {allocator.target_budget}; {trainable:,} of {total:,} parameters trainable; "
+        f"{device}{' autocast ' + str(amp_dtype).replace('torch.', '') if amp_dtype else ' fp32'}"
+    )
