@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
-from support import LLAMA_TARGETS, tiny_gpt2, tiny_llama
+from support import LLAMA_TARGETS, ROOT, tiny_gpt2, tiny_llama
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
 from adalora_export import AdaLoraConfig, CompactAdapter, ModuleAdapter, UserError, cli
@@ -27,7 +27,6 @@ from adalora_export.formats import save_adapter
 from adalora_export.model import find_target_paths
 from adalora_export.sources import load_adapter
 
-ROOT = Path(__file__).resolve().parent.parent
 GPT2_TARGETS = ["c_attn", "c_proj", "c_fc"]
 
 

@@ -39,6 +39,8 @@ from adalora_export.sources import load_adapter
 from adalora_export.state import list_checkpoints, load_adapter_state
 from adalora_export.training.checkpoint import load_checkpoint
 
+pytestmark = pytest.mark.slow  # a system test: subprocesses, kills or torchrun
+
 TRIALS = 10
 
 

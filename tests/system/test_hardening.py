@@ -608,7 +608,9 @@ def _(env, tmp):
 @case("train/unknown-train-type")
 def _(env, tmp):
     argv = train_argv(env, tmp / "run", "--train_type", "qlora")
-    return Case(argv, tmp / "run", [env.base, env.data], ["Invalid value for '--train_type'", "'qlora' is not 'adalora'"])
+    return Case(
+        argv, tmp / "run", [env.base, env.data], ["Invalid value for '--train_type'", "'qlora' is not 'adalora'"]
+    )
 
 
 @case("train/zero-max-length")

@@ -5,11 +5,10 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
-from support import LLAMA_TARGETS, tiny_llama, train_adalora
+from support import LLAMA_TARGETS, ROOT, tiny_llama, train_adalora
 
 from adalora_export import AdaLoraConfig
 from adalora_export.formats import ADAPTER_CONFIG, ADAPTER_WEIGHTS
@@ -18,7 +17,6 @@ from adalora_export.report import format_table, rank_grid
 from adalora_export.sources import load_adapter
 from adalora_export.state import load_adapter_state, save_adapter_state
 
-REPO = Path(__file__).resolve().parents[1]
 TOTAL = 12
 
 
@@ -185,7 +183,7 @@ def test_cli_subprocess_exit_code_and_single_line(tmp_path):
     (tmp_path / "src").mkdir()
     (tmp_path / "src" / ADAPTER_CONFIG).write_text(json.dumps({"peft_type": "IA3"}))
     proc = subprocess.run(
-        [sys.executable, str(REPO / "cli.py"), "prune", str(tmp_path / "src"), "--output", str(tmp_path / "out")],
+        [sys.executable, str(ROOT / "cli.py"), "prune", str(tmp_path / "src"), "--output", str(tmp_path / "out")],
         capture_output=True,
         text=True,
         timeout=120,

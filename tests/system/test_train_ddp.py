@@ -6,15 +6,17 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
+import pytest
 import torch
+from support import ROOT
 
 from adalora_export.sources import load_adapter
 from adalora_export.toy import write_toy_model
 from adalora_export.training import train
 
-ROOT = Path(__file__).resolve().parent.parent
+pytestmark = pytest.mark.slow  # a system test: subprocesses, kills or torchrun
+
 WORDS = "the a cat dog bird sat ran flew on under over mat tree house fast slow red blue big small".split()
 OPTIONS = {
     "max_steps": 10,

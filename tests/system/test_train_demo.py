@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from adalora_export import cli
+
+pytestmark = pytest.mark.slow  # a system test: subprocesses, kills or torchrun
 
 
 def test_demo_short_run(tmp_path, capsys):

@@ -5,9 +5,11 @@ from __future__ import annotations
 import subprocess
 import sys
 import zipfile
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+import pytest
+from support import ROOT
+
+pytestmark = pytest.mark.slow  # builds a wheel
 
 
 def test_no_import_runs_against_the_flow():

@@ -8,15 +8,17 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
+import pytest
 import torch
+from support import ROOT
 
 from adalora_export.state import list_checkpoints
 from adalora_export.toy import write_toy_model
 from adalora_export.training import train
 
-ROOT = Path(__file__).resolve().parent.parent
+pytestmark = pytest.mark.slow  # a system test: subprocesses, kills or torchrun
+
 WORDS = "the a cat dog bird sat ran flew on under over mat tree house fast slow red blue big small".split()
 OPTIONS = {
     "max_steps": 30,
