@@ -13,7 +13,7 @@ from torch import nn
 
 from .config import AdaLoraConfig
 from .errors import UserError
-from .layer import SVDLinear, is_adaptable, svd_delta
+from .layer import SVDLinear, is_adaptable, svd_delta, svd_factors
 from .model import adapted_layers, replace_module, strip_wrapper_prefix
 
 
@@ -41,6 +41,10 @@ class ModuleAdapter:
 
     def num_parameters(self) -> int:
         return self.rank * (self.in_features + self.out_features + 1)
+
+    def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(down, up) = (A * E, B) in fp32, out x in layout: the update is ``up @ down * scale``."""
+        return svd_factors(self.A.float(), self.E.float(), self.B.float())
 
     def delta(self, scale: float) -> torch.Tensor:
         """The update (out x in) in fp32: B @ (A * E) * scale."""

@@ -27,9 +27,19 @@ def is_adaptable(module: nn.Module) -> bool:
     return isinstance(module, nn.Linear) or _is_conv1d(module)
 
 
+def svd_factors(A: torch.Tensor, E: torch.Tensor, B: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(down, up) = (diag(E) A, B), with the update ``up @ down * scale``: the one place the formula is written.
+
+    Consumers that keep the update low-rank (the LoRA export, merge, ONNX branches) take these two
+    factors and put the scale where their numerics want it.
+    """
+    return A * E, B
+
+
 def svd_delta(A: torch.Tensor, E: torch.Tensor, B: torch.Tensor, scale: float) -> torch.Tensor:
-    """The AdaLoRA update B diag(E) A * scale (out x in): the one place the formula is written."""
-    return (B @ (A * E)) * scale
+    """The AdaLoRA update B diag(E) A * scale (out x in)."""
+    down, up = svd_factors(A, E, B)
+    return (up @ down) * scale
 
 
 class SVDLinear(nn.Module):

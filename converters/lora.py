@@ -34,7 +34,8 @@ LORA_LAYOUTS = ("compact", "uniform")
 def lora_factors(adapter: CompactAdapter, path: str, rank: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(lora_A, lora_B) of module ``path`` with the scale baked in, zero-padded to ``rank`` when given."""
     m = adapter.modules[path]
-    down, up = (m.A * m.E).float(), (m.B * adapter.scale).float()
+    down, up = m.factors()
+    up = up * adapter.scale
     if rank is not None and rank > m.rank:
         down = torch.cat([down, down.new_zeros(rank - m.rank, m.in_features)])
         up = torch.cat([up, up.new_zeros(m.out_features, rank - m.rank)], dim=1)

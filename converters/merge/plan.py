@@ -91,13 +91,11 @@ class Placement:
 def factors(adapter: CompactAdapter, path: str) -> tuple[torch.Tensor, torch.Tensor]:
     """(L, R) with scale * L @ R == adapter.delta_weight(path), in the base weight's layout.
 
-    Blockwise merging needs the two low-rank factors, not the full delta that ``delta_weight`` forms;
-    this restates its formula (B @ (A * E)) and is tested against it.
+    Blockwise merging needs the two low-rank factors, not the full delta; Conv1D stores in x out.
     """
-    m = adapter.modules[path]
-    left, right = m.B.float(), m.A.float() * m.E.float()  # delta = B @ (A * E) * scale, out x in
-    if m.fan_in_fan_out:  # Conv1D stores in x out: delta.T = (A * E).T @ B.T
-        left, right = right.T, left.T
+    module = adapter.modules[path]
+    down, up = module.factors()
+    left, right = (down.T, up.T) if module.fan_in_fan_out else (up, down)
     return left.contiguous(), right.contiguous()
 
 

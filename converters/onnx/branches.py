@@ -42,9 +42,8 @@ def branch_weights(adapter: CompactAdapter, path: str) -> tuple[torch.Tensor, to
 
     The one derivation of the branch factors, for the traced graph and for ``.onnx_adapter`` files alike.
     """
-    module = adapter.modules[path]
-    down = (module.A.float() * module.E.float() * adapter.scale).T.contiguous()
-    return down, module.B.float().T.contiguous()
+    down, up = adapter.modules[path].factors()
+    return (down * adapter.scale).T.contiguous(), up.T.contiguous()
 
 
 def rank_axis(path: str) -> str:
