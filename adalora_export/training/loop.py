@@ -15,7 +15,7 @@
 
 from __future__ import annotations
 
-import math
+import functools
 import os
 import sys
 import time
@@ -25,26 +25,12 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from ..allocator import RankAllocator
-from ..hf import check_model_dir
 from ..model import adapted_layers
-from ..state import latest_checkpoint
-from .args import resolve_args
-from .checkpoint import restore_adapter, restore_optimizer, rng_state, save_checkpoint
+from .args import TrainArgs, resolve_args
+from .checkpoint import rng_state, save_checkpoint
 from .data import micro_batches
 from .distributed import Distributed
-from .prepare import (
-    build_optimizer,
-    choose_task,
-    count_steps_per_epoch,
-    describe_run,
-    load_datasets,
-    load_model,
-    load_tokenizer,
-    optimizer_param_names,
-    pad_token_id,
-    seed_everything,
-)
+from .prepare import Run, describe_run, prepare_run
 from .run_dir import (
     MetricsLog,
     adapter_meta,
@@ -57,7 +43,7 @@ from .run_dir import (
     step_record,
     write_outputs,
 )
-from .step import NonFiniteStep, Stepper, autocast_dtype, evaluate, lr_factor
+from .step import NonFiniteStep, evaluate, lr_factor
 
 
 @dataclass
@@ -116,101 +102,26 @@ def train(
     args.check()
     check_run_dir(run_dir, resume=resume, overwrite=overwrite)
     dist = Distributed.start()
-    log, bar = MetricsLog(None), tqdm(disable=True)
     try:
         check_world_size(run_dir, dist.world_size, resume)
-        amp_dtype = autocast_dtype(args.precision, dist.device)
-        seed_everything(args.seed)
-
-        # Data, the run's length and the schedule: all checked before the model is loaded.
-        model_config = check_model_dir(args.model)
-        tokenizer = load_tokenizer(args.model)
-        task = choose_task(args, model_config)
-        train_set, val_set = load_datasets(args, tokenizer, task)
-        global_batch = args.batch_size * args.grad_accum * dist.world_size
-        per_epoch = count_steps_per_epoch(args, train_set, global_batch)
-        total_step = args.max_steps or (args.epochs or 1) * per_epoch
-        config = args.adalora_config(total_step)
-        warmup = math.ceil(args.warmup_ratio * total_step)
-
-        # The adapted model, the allocator and AdamW; on resume, the latest checkpoint's states.
-        pad_id = pad_token_id(tokenizer)
-        net = load_model(args.model, task, train_set, config, dist.device, amp_dtype, pad_id)
-        name_groups = optimizer_param_names(net)
-        param_names = [name for group in name_groups for name in group]  # the optimizer's order
-        allocator = RankAllocator(net, config, total_step)
-        latest = latest_checkpoint(run_dir) if resume else None
-        checkpoint = restore_adapter(latest, net, allocator, train_set) if latest else None
-        optimizer = build_optimizer(net, name_groups, args.lr, args.weight_decay)
-        if checkpoint:
-            restore_optimizer(checkpoint, optimizer, param_names, dist.rank)
-        start_step = checkpoint.step if checkpoint else 0
-        stepper = Stepper(net, optimizer, allocator, task, args.max_grad_norm, dist, amp_dtype)
-
+        run = prepare_run(args, run_dir, dist, resume)
         # Only now, with every input checked, does anything get written.
         if dist.is_main:
-            prepare_run_dir(run_dir, args, dist.world_size, resume, overwrite, start_step)
-            say(f"resuming {run_dir} at step {start_step}" if checkpoint else f"training into {run_dir}")
-            say(describe_run(net, allocator, train_set, task, total_step, per_epoch, global_batch, amp_dtype))
-        log = MetricsLog(run_dir if dist.is_main else None)
-        eval_start, eval_end = {}, {}
-        if val_set is not None and start_step == 0:
-            eval_start = evaluate(net, val_set, task, args.batch_size, pad_id, dist, amp_dtype)
-            log.write({"step": 0, **eval_start})
-
-        show = progress and dist.is_main
-        bar = tqdm(
-            total=total_step, initial=start_step, desc="train", unit="step", dynamic_ncols=True, disable=not show
-        )
-        for step in range(start_step + 1, total_step + 1):
-            step_started = time.time()
-            lr = args.lr * lr_factor(step, warmup, total_step)
-            batches = micro_batches(
-                train_set, step, global_batch, dist.rank, dist.world_size, args.batch_size, args.seed, pad_id
-            )
-            try:
-                result = stepper.step(step, batches, lr)
-            except NonFiniteStep as error:
-                raise non_finite_error(error, run_dir) from None
-            record = step_record(step, per_epoch, lr, result, step_started)
-            if val_set is not None and (step == total_step or (args.eval_steps and step % args.eval_steps == 0)):
-                eval_end = evaluate(net, val_set, task, args.batch_size, pad_id, dist, amp_dtype)
-                record.update(eval_end)
-            log.write(record)
-            bar.set_postfix(loss=f"{result.loss:.4f}", budget=result.allocation.budget, kept=result.allocation.kept)
-            bar.update(1)
-            if args.save_steps and (step % args.save_steps == 0 or step == total_step):
-                rng = dist.gather(rng_state())  # every rank's, saved by rank 0
-                if dist.is_main:
-                    state = {"data_fingerprint": train_set.fingerprint, "epoch": step / per_epoch}
-                    meta = adapter_meta(args, task, net)
-                    save_checkpoint(
-                        run_dir,
-                        step,
-                        net,
-                        config,
-                        allocator,
-                        optimizer,
-                        param_names,
-                        rng,
-                        state,
-                        meta,
-                        args.keep_checkpoints,
-                    )
-        bar.close()
-        log.close()
-
-        files = write_outputs(run_dir, net, config, allocator, args, task) if dist.is_main else []
+            prepare_run_dir(run_dir, args, dist.world_size, resume, overwrite, run.start_step)
+            say(f"resuming {run_dir} at step {run.start_step}" if run.start_step else f"training into {run_dir}")
+            say(describe_run(run))
+        eval_start, eval_end = run_steps(run, args, dist, run_dir, progress)
+        files = write_outputs(run_dir, run.net, run.config, run.allocator, args, run.task) if dist.is_main else []
         dist.barrier()
         losses = [r["loss"] for r in read_metrics(run_dir) if "loss" in r] if dist.is_main else []
         tenth = max(1, len(losses) // 10)
         return TrainResult(
             run_dir=run_dir,
-            total_step=total_step,
+            total_step=run.total_step,
             loss_start=float(np.mean(losses[:tenth])) if losses else float("nan"),
             loss_end=float(np.mean(losses[-tenth:])) if losses else float("nan"),
-            ranks={path: layer.rank for path, layer in adapted_layers(net)},
-            budget=allocator.target_budget,
+            ranks={path: layer.rank for path, layer in adapted_layers(run.net)},
+            budget=run.allocator.target_budget,
             wall_time=time.time() - started,
             eval_start=eval_start or (first_eval(run_dir) if dist.is_main else {}),
             eval_end=eval_end,
@@ -218,9 +129,79 @@ def train(
             is_main=dist.is_main,
         )
     finally:
+        dist.close()
+
+
+def run_steps(run: Run, args: TrainArgs, dist: Distributed, run_dir: Path, progress: bool) -> tuple[dict, dict]:
+    """Steps start_step+1 .. total_step, with metrics, evaluation and checkpoints.
+
+    Returns the evaluation before the first step (on a fresh run) and after the last one.
+    """
+    log = MetricsLog(run_dir if dist.is_main else None)
+    show = progress and dist.is_main
+    bar = tqdm(
+        total=run.total_step, initial=run.start_step, desc="train", unit="step", disable=not show, dynamic_ncols=True
+    )
+    evaluate_now = functools.partial(
+        evaluate, run.net, run.val_set, run.task, args.batch_size, run.pad_id, dist, run.amp_dtype
+    )
+    try:
+        eval_start, eval_end = {}, {}
+        if run.val_set is not None and run.start_step == 0:
+            eval_start = evaluate_now()
+            log.write({"step": 0, **eval_start})
+        for step in range(run.start_step + 1, run.total_step + 1):
+            step_started = time.time()
+            lr = args.lr * lr_factor(step, run.warmup, run.total_step)
+            batches = micro_batches(
+                run.train_set,
+                step,
+                run.global_batch,
+                dist.rank,
+                dist.world_size,
+                args.batch_size,
+                args.seed,
+                run.pad_id,
+            )
+            try:
+                result = run.stepper.step(step, batches, lr)
+            except NonFiniteStep as error:
+                raise non_finite_error(error, run_dir) from None
+            record = step_record(step, run.per_epoch, lr, result, step_started)
+            last = step == run.total_step
+            if run.val_set is not None and (last or (args.eval_steps and step % args.eval_steps == 0)):
+                eval_end = evaluate_now()
+                record.update(eval_end)
+            log.write(record)
+            bar.set_postfix(loss=f"{result.loss:.4f}", budget=result.allocation.budget, kept=result.allocation.kept)
+            bar.update(1)
+            if args.save_steps and (last or step % args.save_steps == 0):
+                save_run_checkpoint(run, args, dist, run_dir, step)
+        return eval_start, eval_end
+    finally:
         log.close()
         bar.close()  # ends the bar's line, so that an error message gets its own
-        dist.close()
+
+
+def save_run_checkpoint(run: Run, args: TrainArgs, dist: Distributed, run_dir: Path, step: int) -> None:
+    """Every rank's RNG state gathered, then rank 0 writes checkpoint-<step> (and prunes old ones)."""
+    rng = dist.gather(rng_state())
+    if dist.is_main:
+        state = {"data_fingerprint": run.train_set.fingerprint, "epoch": step / run.per_epoch}
+        meta = adapter_meta(args, run.task, run.net)
+        save_checkpoint(
+            run_dir,
+            step,
+            run.net,
+            run.config,
+            run.allocator,
+            run.optimizer,
+            run.param_names,
+            rng,
+            state,
+            meta=meta,
+            keep=args.keep_checkpoints,
+        )
 
 
 def say(message: str) -> None:

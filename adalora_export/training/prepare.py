@@ -1,25 +1,103 @@
 """Everything a run builds before its first step: seeds, tokenizer, task, data, the adapted model, AdamW.
 
-Each function checks its own input and raises a UserError naming it, so that a bad run fails here,
-before ``loop.train`` writes anything.
+``prepare_run`` does it in order (the data and the schedule are checked before the model is loaded)
+and returns a ``Run``. Each step checks its own input and raises a UserError naming it, so that a
+bad run fails here, before ``loop.train`` writes anything.
 """
 
 from __future__ import annotations
 
+import math
 import random
+from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
+from ..allocator import RankAllocator
 from ..config import AdaLoraConfig
 from ..errors import UserError
-from ..hf import CAUSAL_LM, SEQ_CLS, infer_task, load_pretrained
+from ..hf import CAUSAL_LM, SEQ_CLS, check_model_dir, infer_task, load_pretrained
 from ..model import inject_adapters
+from ..state import latest_checkpoint
 from .args import TrainArgs
+from .checkpoint import restore_adapter, restore_optimizer
 from .data import Dataset, detect_task, load_dataset, steps_per_epoch
+from .distributed import Distributed
+from .step import Stepper, autocast_dtype
 
 HEAD_MODULES = ["classifier", "score", "pre_classifier"]  # fresh classification heads stay fully trainable
+
+
+@dataclass
+class Run:
+    """What a run built before its first step; every input is checked, nothing is written yet."""
+
+    task: str
+    train_set: Dataset
+    val_set: Dataset | None
+    pad_id: int
+    global_batch: int  # batch_size x grad_accum x ranks
+    per_epoch: int  # optimizer steps per epoch
+    total_step: int
+    warmup: int  # steps of linear warm-up
+    config: AdaLoraConfig  # with the run's total_step (and the preset's schedule)
+    net: nn.Module  # the adapted model, unwrapped
+    allocator: RankAllocator
+    optimizer: torch.optim.Optimizer
+    param_names: list[str]  # the optimizer's parameters in order (checkpoints name its state by them)
+    stepper: Stepper
+    start_step: int  # 0, or the checkpoint's step on resume
+    amp_dtype: torch.dtype | None
+
+
+def prepare_run(args: TrainArgs, run_dir: Path, dist: Distributed, resume: bool) -> Run:
+    """Read and check the data, fix the run's length and schedule, then build the model and optimizer;
+    on resume restore adapter, allocator, optimizer and RNG states from the latest checkpoint."""
+    amp_dtype = autocast_dtype(args.precision, dist.device)
+    seed_everything(args.seed)
+    model_config = check_model_dir(args.model)
+    tokenizer = load_tokenizer(args.model)
+    task = choose_task(args, model_config)
+    train_set, val_set = load_datasets(args, tokenizer, task)
+    global_batch = args.batch_size * args.grad_accum * dist.world_size
+    per_epoch = count_steps_per_epoch(args, train_set, global_batch)
+    total_step = args.max_steps or (args.epochs or 1) * per_epoch
+    config = args.adalora_config(total_step)  # the preset's schedule, checked against the run's length
+
+    pad_id = pad_token_id(tokenizer)
+    net = load_model(args.model, task, train_set, config, dist.device, amp_dtype, pad_id)
+    name_groups = optimizer_param_names(net)
+    param_names = [name for group in name_groups for name in group]
+    allocator = RankAllocator(net, config, total_step)
+    latest = latest_checkpoint(run_dir) if resume else None
+    checkpoint = restore_adapter(latest, net, allocator, train_set) if latest else None
+    optimizer = build_optimizer(net, name_groups, args.lr, args.weight_decay)  # over the restored parameters
+    if checkpoint:
+        restore_optimizer(checkpoint, optimizer, param_names, dist.rank)
+    stepper = Stepper(net, optimizer, allocator, task, args.max_grad_norm, dist, amp_dtype)
+    warmup = math.ceil(args.warmup_ratio * total_step)
+    start_step = checkpoint.step if checkpoint else 0
+    return Run(
+        task=task,
+        train_set=train_set,
+        val_set=val_set,
+        pad_id=pad_id,
+        global_batch=global_batch,
+        per_epoch=per_epoch,
+        total_step=total_step,
+        warmup=warmup,
+        config=config,
+        net=net,
+        allocator=allocator,
+        optimizer=optimizer,
+        param_names=param_names,
+        stepper=stepper,
+        start_step=start_step,
+        amp_dtype=amp_dtype,
+    )
 
 
 def seed_everything(seed: int) -> None:
@@ -130,14 +208,15 @@ def build_optimizer(model: nn.Module, groups: list[list[str]], lr: float, weight
     return torch.optim.AdamW(param_groups, lr=lr)
 
 
-def describe_run(model, allocator, train_set, task, total_step, per_epoch, global_batch, amp_dtype) -> str:
+def describe_run(run: Run) -> str:
     """The one line a run prints before its first step."""
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
-    device = next(model.parameters()).device
+    trainable = sum(p.numel() for p in run.net.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in run.net.parameters())
+    device = next(run.net.parameters()).device
+    precision = f"autocast {str(run.amp_dtype).replace('torch.', '')}" if run.amp_dtype else "fp32"
     return (
-        f"{task}: {len(train_set)} examples ({train_set.truncated} truncated), {per_epoch} steps/epoch at global "
-        f"batch {global_batch}, total_step {total_step}; {len(allocator.layers)} adapted matrices, budget "
-        f"{allocator.init_budget} -> {allocator.target_budget}; {trainable:,} of {total:,} parameters trainable; "
-        f"{device}{' autocast ' + str(amp_dtype).replace('torch.', '') if amp_dtype else ' fp32'}"
+        f"{run.task}: {len(run.train_set)} examples ({run.train_set.truncated} truncated), {run.per_epoch} "
+        f"steps/epoch at global batch {run.global_batch}, total_step {run.total_step}; "
+        f"{len(run.allocator.layers)} adapted matrices, budget {run.allocator.init_budget} -> "
+        f"{run.allocator.target_budget}; {trainable:,} of {total:,} parameters trainable; {device} {precision}"
     )
