@@ -39,6 +39,26 @@ def _refuse(given: dict[str, object], allowed: set[str], what: str) -> None:
             raise UserError(f"{flag} does not apply to {what}")
 
 
+def _check_flags(given: dict[str, object], *, to: str | None, onnx: bool, graph: object) -> None:
+    """UserError for a flag that does not apply to the chosen target (``given``: flag -> value)."""
+    if to is not None:
+        if to not in LORA_FORMATS:
+            raise UserError(f"--to {to!r}: expected one of {', '.join(LORA_FORMATS)}")
+        _refuse(given, {"--lora-layout"}, "--to lora (a LoRA directory needs no base)")
+    elif not onnx:
+        _refuse(
+            given, {"--base", "--merge", "--workers", "--verify"}, "--merge (the merged model keeps the base's dtype)"
+        )
+    elif graph is not None:
+        _refuse(given, {"--graph"}, "--onnx --graph (the graph fixes base, kind, dtype and opset)")
+    else:
+        _refuse(
+            given,
+            {"--base", "--merge", "--adapter-inputs", "--dtype", "--opset", "--with-past", "--tolerance"},
+            "--onnx",
+        )
+
+
 def export_adapter(
     source: str | os.PathLike,
     output: str | os.PathLike,
@@ -66,6 +86,8 @@ def export_adapter(
     """
     if sum([to is not None, onnx, merge and not onnx]) != 1:
         raise UserError("choose exactly one of --to lora, --merge, --onnx [--merge | --adapter-inputs]")
+    if onnx and merge and adapter_inputs:
+        raise UserError("--merge and --adapter-inputs exclude each other: a merged graph has no adapter inputs")
     given = {
         "--lora-layout": lora_layout,
         "--base": base,
@@ -79,24 +101,7 @@ def export_adapter(
         "--workers": workers,
         "--verify": verify,
     }
-    if to is not None:
-        if to not in LORA_FORMATS:
-            raise UserError(f"--to {to!r}: expected one of {', '.join(LORA_FORMATS)}")
-        _refuse(given, {"--lora-layout"}, "--to lora (a LoRA directory needs no base)")
-    elif not onnx:
-        _refuse(
-            given, {"--base", "--merge", "--workers", "--verify"}, "--merge (the merged model keeps the base's dtype)"
-        )
-    elif graph is not None:
-        _refuse(given, {"--graph"}, "--onnx --graph (the graph fixes base, kind, dtype and opset)")
-    else:
-        _refuse(
-            given,
-            {"--base", "--merge", "--adapter-inputs", "--dtype", "--opset", "--with-past", "--tolerance"},
-            "--onnx",
-        )
-        if merge and adapter_inputs:
-            raise UserError("--merge and --adapter-inputs exclude each other: a merged graph has no adapter inputs")
+    _check_flags(given, to=to, onnx=onnx, graph=graph)
     if workers is not None and workers < 1:
         raise UserError(f"--workers must be >= 1, got {workers}")
 
@@ -127,11 +132,7 @@ def export_adapter(
         overwrite=overwrite,
         allow_pickle=allow_pickle,
     )
-    parity = manifest.get("parity", {})
-    line = f"wrote {kind.value} ONNX graph {output} from base {base_dir}"
-    if "max_relative_error" in parity:
-        line += f": onnxruntime vs torch {parity['max_relative_error']:.2g} (relative)"
-    return ExportResult(kind.value, output, [line])
+    return ExportResult(kind.value, output, [_onnx_line(kind, output, base_dir, manifest)])
 
 
 def _merge(adapter, base_dir: Path, output: Path, workers: int, verify: bool, overwrite: bool, allow_pickle: bool):
@@ -141,3 +142,11 @@ def _merge(adapter, base_dir: Path, output: Path, workers: int, verify: bool, ov
         diff = verify_merge(adapter, base_dir, output, allow_pickle=allow_pickle)
         lines.append(f"verify: largest |merged - (base + adapter)| = {diff:.3g} (fp32 forward)")
     return ExportResult("merged", output, lines)
+
+
+def _onnx_line(kind: OnnxKind, output: Path, base_dir: Path, manifest: dict) -> str:
+    parity = manifest.get("parity", {})
+    line = f"wrote {kind.value} ONNX graph {output} from base {base_dir}"
+    if "max_relative_error" in parity:
+        line += f": onnxruntime vs torch {parity['max_relative_error']:.2g} (relative)"
+    return line
