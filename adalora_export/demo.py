@@ -61,16 +61,20 @@ def run_demo(output: str | None = None, steps: int | None = None, overwrite: boo
         torch.set_num_threads(threads)
 
 
+def _demo_root(output: str | None, overwrite: bool) -> Path:
+    if output is None:
+        return Path(tempfile.mkdtemp(prefix="adalora-demo-"))
+    check_output_path(output, overwrite)
+    root = Path(output)
+    if root.exists():
+        shutil.rmtree(root)
+    root.mkdir()
+    return root
+
+
 def _run_demo(output: str | None, steps: int | None, overwrite: bool) -> dict:
     started = time.time()
-    if output is not None:
-        check_output_path(output, overwrite)
-        root = Path(output)
-        if root.exists():
-            shutil.rmtree(root)
-        root.mkdir()
-    else:
-        root = Path(tempfile.mkdtemp(prefix="adalora-demo-"))
+    root = _demo_root(output, overwrite)
     base = write_toy_model(root / "base", [str(i) for i in range(VOCAB_NUMBERS)], hidden=256, layers=2)
     (root / "data").mkdir()
     train_file = write_jsonl(root / "data" / "train.jsonl", [{"text": t} for t in progressions(4096, seed=1)])
@@ -131,13 +135,17 @@ def _run_demo(output: str | None, steps: int | None, overwrite: bool) -> dict:
     text = OnnxServer(onnx_dir, provider="cpu").generate(prompt, max_new_tokens=6)
     summary["generation"] = {"prompt": prompt, "output": text, "expected": "21 24 27 30 33 36"}
     summary["wall_seconds"] = time.time() - started
+    _print_summary(summary, result.ranks)
+    return summary
+
+
+def _print_summary(summary: dict, ranks: dict[str, int]) -> None:
     print("\nsummary")
     print(f"  loss {summary['loss_start']:.3f} -> {summary['loss_end']:.3f} in {summary['train_seconds']:.1f}s")
-    print(f"  ranks: {' '.join(str(r) for r in result.ranks.values())} (init_r 8, target average 4)")
+    print(f"  ranks: {' '.join(str(r) for r in ranks.values())} (init_r 8, target average 4)")
     print(f"  merged vs base+adapter: max |logit diff| {summary['merge_max_abs_diff']:.2e}")
     print(f"  ONNX vs torch: max relative error {summary['onnx_max_relative_error']:.2e}")
     g = summary["generation"]
     print(f"  onnxruntime greedy: {g['prompt']!r} -> {g['output']!r} (a perfect model: {g['expected']!r})")
     print("  files: " + ", ".join(summary["files"]))
     print(f"demo done in {summary['wall_seconds']:.1f}s")
-    return summary
