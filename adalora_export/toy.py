@@ -29,6 +29,25 @@ def toy_tokenizer(words: list[str]):
     )
 
 
+def toy_config(arch: str, vocab_size: int, hidden: int = 64, layers: int = 2, **extra):
+    """The transformers config of a tiny ``arch`` (llama, gpt2 or bert): 4 heads, MLP 2 x hidden."""
+    import transformers as tf
+
+    if arch == "llama":
+        shape = dict(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers, num_attention_heads=4)
+        return tf.LlamaConfig(
+            vocab_size=vocab_size, num_key_value_heads=2, **{"max_position_embeddings": 256, **shape, **extra}
+        )
+    if arch == "gpt2":
+        return tf.GPT2Config(
+            vocab_size=vocab_size, n_embd=hidden, n_layer=layers, n_head=4, **{"n_positions": 256, **extra}
+        )
+    if arch == "bert":
+        shape = dict(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers, num_attention_heads=4)
+        return tf.BertConfig(vocab_size=vocab_size, **{"max_position_embeddings": 256, **shape, **extra})
+    raise UserError(f"unknown toy architecture {arch!r}")
+
+
 def write_toy_model(
     path: str | Path,
     words: list[str],
@@ -42,46 +61,15 @@ def write_toy_model(
     import transformers as tf
 
     tokenizer = toy_tokenizer(words)
-    vocab = len(tokenizer)
-    torch.manual_seed(seed)
+    ids = dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
     if arch == "llama":
-        config = tf.LlamaConfig(
-            vocab_size=vocab,
-            hidden_size=hidden,
-            intermediate_size=2 * hidden,
-            num_hidden_layers=layers,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=256,
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-        )
-        model = tf.LlamaForCausalLM(config)
-    elif arch == "gpt2":
-        config = tf.GPT2Config(
-            vocab_size=vocab,
-            n_embd=hidden,
-            n_layer=layers,
-            n_head=4,
-            n_positions=256,
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-        )
-        model = tf.GPT2LMHeadModel(config)
-    elif arch == "bert":
-        config = tf.BertConfig(
-            vocab_size=vocab,
-            hidden_size=hidden,
-            intermediate_size=2 * hidden,
-            num_hidden_layers=layers,
-            num_attention_heads=4,
-            max_position_embeddings=256,
-            num_labels=num_labels or 2,
-        )
-        model = tf.BertForSequenceClassification(config)
-    else:
-        raise UserError(f"unknown toy architecture {arch!r}")
+        ids["pad_token_id"] = tokenizer.pad_token_id
+    if arch == "bert":
+        ids = dict(num_labels=num_labels or 2)
+    config = toy_config(arch, len(tokenizer), hidden, layers, **ids)
+    torch.manual_seed(seed)
+    classes = {"llama": tf.LlamaForCausalLM, "gpt2": tf.GPT2LMHeadModel, "bert": tf.BertForSequenceClassification}
+    model = classes[arch](config)
     path = Path(path)
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)

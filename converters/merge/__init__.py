@@ -1,4 +1,4 @@
-"""Merge a compact adapter into a base model's weights, one shard at a time (SPEC §3 "Merged model").
+"""Merge a compact adapter into a base model's weights, one shard at a time (docs/design.md, "Merge").
 
 Why hand-written streaming: PEFT's ``merge_and_unload`` and transformers' ``save_pretrained`` need
 the whole model in memory; here the model itself is never loaded, and memory stays at a few small

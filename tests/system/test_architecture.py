@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -22,7 +23,13 @@ def test_no_import_runs_against_the_flow():
     assert not any(line.startswith("adalora_export.converters") and "training" in line for line in edges)
 
 
-def test_wheel_installs_only_the_adalora_export_package(tmp_path):
+def test_wheel_installs_only_the_adalora_export_package_and_all_of_it(tmp_path):
+    # Build from a copy of the tracked files: a stale build/ in the checkout would leak deleted modules.
+    source = tmp_path / "source"
+    tracked = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
+    for name in tracked:
+        (source / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(ROOT / name, source / name)
     subprocess.run(
         [
             sys.executable,
@@ -34,7 +41,7 @@ def test_wheel_installs_only_the_adalora_export_package(tmp_path):
             "--no-build-isolation",
             "-w",
             str(tmp_path),
-            str(ROOT),
+            str(source),
         ],
         check=True,
         capture_output=True,
@@ -44,7 +51,9 @@ def test_wheel_installs_only_the_adalora_export_package(tmp_path):
     names = zipfile.ZipFile(wheel).namelist()
     top = {name.split("/")[0] for name in names}
     assert top == {"adalora_export", next(t for t in top if t.endswith(".dist-info"))}, top
-    assert "adalora_export/converters/merge/__init__.py" in names or "adalora_export/converters/merge.py" in names
-    assert "adalora_export/cli.py" in names
+    # Every module of the checkout is in the wheel, under its installed name.
+    expected = {n for n in tracked if n.endswith(".py") and n.startswith("adalora_export/")}
+    expected |= {"adalora_export/" + n for n in tracked if n.endswith(".py") and n.startswith("converters/")}
+    assert expected <= set(names), sorted(expected - set(names))
     entry = zipfile.ZipFile(wheel).read(next(n for n in names if n.endswith("entry_points.txt"))).decode()
     assert "adalora-export = adalora_export.cli:main" in entry
