@@ -113,27 +113,14 @@ def make_base(path: Path, arch: str = "llama", hidden: int = 32, layers: int = 2
 def make_adapter(base_dir: Path, out: Path, seed: int = 0, ranks: tuple[int, ...] = (2, 0, 3, 1)) -> Path:
     """A compact adapter over the family's default targets of ``base_dir`` (random A, E, B at varied
     ranks, rank 0 included), naming ``base_dir`` as its base, saved as a PEFT AdaLoRA directory."""
-    import torch
     from transformers import AutoModelForCausalLM
-    from transformers.pytorch_utils import Conv1D
 
-    from adalora_export import AdaLoraConfig, CompactAdapter, ModuleAdapter
     from adalora_export.formats import save_adapter
-    from adalora_export.model import default_target_modules, find_target_paths
+    from adalora_export.model import default_target_modules
 
     model = AutoModelForCausalLM.from_pretrained(base_dir)
-    targets = default_target_modules(model)
-    g = torch.Generator().manual_seed(seed)
-    modules = {}
-    for i, path in enumerate(find_target_paths(model, targets)):
-        layer = model.get_submodule(path)
-        conv = isinstance(layer, Conv1D)
-        in_f, out_f = layer.weight.shape if conv else layer.weight.shape[::-1]
-        r = ranks[i % len(ranks)]
-        a, e, b = torch.randn(r, in_f, generator=g), torch.randn(r, 1, generator=g), torch.randn(out_f, r, generator=g)
-        modules[path] = ModuleAdapter(a * 0.2, e * 0.5, b * 0.2, fan_in_fan_out=conv)
-    config = AdaLoraConfig(init_r=4, target_r=2, lora_alpha=8, target_modules=targets)
-    adapter = CompactAdapter(config, modules, base_model_name_or_path=str(base_dir), task_type="causal_lm")
+    meta = dict(base_model_name_or_path=str(base_dir), task_type="causal_lm")
+    adapter = adapter_at_ranks(model, default_target_modules(model), list(ranks), 4, 8.0, seed, **meta)
     return save_adapter(adapter, out)
 
 

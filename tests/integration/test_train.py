@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from support import WORDS
 
 from adalora_export import cli
 from adalora_export.errors import UserError
@@ -19,7 +20,6 @@ from adalora_export.toy import write_toy_model
 from adalora_export.training import train
 from adalora_export.training.checkpoint import load_checkpoint
 
-WORDS = "the a cat dog bird sat ran flew on under over mat tree house fast slow red blue big small".split()
 # Short runs: 12 optimizer steps, budget phase 3..8, final shrink at step 8 (tfinal 4).
 SCHEDULE = dict(
     adalora_init_r=4, adalora_target_r=2, adalora_tinit=2, adalora_tfinal=4, adalora_deltaT=2, lora_alpha=16

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 import torch
-from support import ROOT
+from support import ROOT, WORDS
 
 from adalora_export.sources import load_adapter
 from adalora_export.toy import write_toy_model
@@ -17,7 +17,6 @@ from adalora_export.training import train
 
 pytestmark = pytest.mark.slow  # a system test: subprocesses, kills or torchrun
 
-WORDS = "the a cat dog bird sat ran flew on under over mat tree house fast slow red blue big small".split()
 OPTIONS = {
     "max_steps": 10,
     "grad_accum": 2,

@@ -11,7 +11,7 @@ import time
 
 import pytest
 import torch
-from support import ROOT
+from support import ROOT, WORDS
 
 from adalora_export.state import list_checkpoints
 from adalora_export.toy import write_toy_model
@@ -19,7 +19,6 @@ from adalora_export.training import train
 
 pytestmark = pytest.mark.slow  # a system test: subprocesses, kills or torchrun
 
-WORDS = "the a cat dog bird sat ran flew on under over mat tree house fast slow red blue big small".split()
 OPTIONS = {
     "max_steps": 30,
     "batch_size": 4,
