@@ -8,7 +8,7 @@ cd "$(dirname "$0")"
 
 setup() {
   [ -x .venv/bin/python ] || python3 -m venv .venv
-  local stamp=".venv/.installed-$(cat pyproject.toml | sha1sum | cut -c1-12)"
+  local stamp=".venv/.installed-$(cat pyproject.toml run.sh | sha1sum | cut -c1-12)"
   if [ ! -f "$stamp" ]; then
     .venv/bin/python -m pip install -q --upgrade pip
     # torch first, chosen on purpose: the CPU build (+cpu) where no NVIDIA GPU answers, the default
@@ -19,6 +19,10 @@ setup() {
       .venv/bin/python -m pip install -q "torch==2.13.0+cpu"
     fi
     .venv/bin/python -m pip install -q -e ".[test]"
+    # onnxruntime-genai (the builder and generator the tests check our exports against) declares the
+    # CPU "onnxruntime" distribution, which would overwrite onnxruntime-gpu's same-named module; it
+    # runs on the onnxruntime already installed, so it goes in without its declared dependencies.
+    .venv/bin/python -m pip install -q --no-deps "onnxruntime-genai==0.18.0"
     touch "$stamp"
   fi
 }
