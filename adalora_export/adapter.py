@@ -6,13 +6,15 @@ This is the one in-memory object that pruning produces and every converter consu
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
 
 from .config import AdaLoraConfig
 from .errors import UserError
+from .hf import SEQ_CLS, infer_task, sequence_classifier_class
 from .layer import SVDLinear, is_adaptable, svd_delta, svd_factors
 from .model import adapted_layers, replace_module, strip_wrapper_prefix
 
@@ -76,6 +78,54 @@ class ModuleAdapter:
 
 
 @dataclass
+class TaskInfo:
+    """What an adapter knows of the task it was trained for, beyond its weights.
+
+    A classifier's labels and head travel with the adapter, so every consumer (merge, verify, ONNX
+    export, the server) builds the same head on a bare encoder or a causal LM base.
+    """
+
+    id2label: dict[int, str] | None = None  # classifiers: class id -> name
+    head_modules: list[str] | None = None  # classifiers: the fully trained head (PEFT's modules_to_save)
+    problem_type: str | None = None  # transformers' problem_type (single_label_classification)
+    max_length: int | None = None  # tokens per example in training: servers truncate to it
+    pad_token_id: int | None = None  # the padding id training used (decoder classifiers need one)
+
+    @property
+    def num_labels(self) -> int | None:
+        return len(self.id2label) if self.id2label else None
+
+    @classmethod
+    def for_head(cls, head_modules: list[str], extra_weights: dict[str, torch.Tensor], **known: Any) -> TaskInfo:
+        """A classifier's task info when only its head weights are known (PEFT's own save): the output
+        layer is the head's 2-D weight with the fewest rows, its labels transformers' LABEL_i."""
+        names = {f"{m}.weight" for m in head_modules} | {f"{m}.out_proj.weight" for m in head_modules}
+        rows = [w.shape[0] for n, w in extra_weights.items() if n in names and w.dim() == 2]
+        labels = {i: f"LABEL_{i}" for i in range(min(rows))} if rows else None
+        return cls(id2label=labels, head_modules=list(head_modules), **known)
+
+    def to_json(self) -> dict[str, Any]:
+        data = {k: v for k, v in asdict(self).items() if v is not None}
+        if self.id2label:
+            data["id2label"] = {str(k): v for k, v in self.id2label.items()}
+        return data
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any] | None, where: str) -> TaskInfo:
+        if not data:
+            return cls()
+        if not isinstance(data, dict):
+            raise UserError(f"{where}: task_info is not an object")
+        try:
+            id2label = data.get("id2label")
+            labels = {int(k): str(v) for k, v in id2label.items()} if id2label else None
+            names = {f.name for f in cls.__dataclass_fields__.values()} - {"id2label"}
+            return cls(id2label=labels, **{k: v for k, v in data.items() if k in names})
+        except (AttributeError, TypeError, ValueError):
+            raise UserError(f"{where}: task_info has malformed labels") from None
+
+
+@dataclass
 class CompactAdapter:
     """A pruned AdaLoRA adapter whose modules keep their own ranks."""
 
@@ -86,6 +136,7 @@ class CompactAdapter:
     # Fully trained non-adapter weights (a fresh classification head, say), by parameter name in
     # the base model; converters put them in place of the base's. PEFT calls these modules_to_save.
     extra_weights: dict[str, torch.Tensor] = field(default_factory=dict)
+    task_info: TaskInfo = field(default_factory=TaskInfo)
 
     @property
     def scale(self) -> float:
@@ -162,6 +213,43 @@ class CompactAdapter:
                 raise UserError(
                     f"adapter weight {name} {tuple(value.shape)} does not fit the base model {base} ({found})"
                 )
+
+    def model_kwargs(self) -> dict[str, Any]:
+        """``from_pretrained`` keyword arguments that give a base the head this adapter was trained with."""
+        info = self.task_info
+        if self.task_type != SEQ_CLS or not info.id2label:
+            return {}
+        kwargs: dict[str, Any] = {
+            "num_labels": info.num_labels,
+            "id2label": dict(info.id2label),
+            "label2id": {name: i for i, name in info.id2label.items()},
+        }
+        if info.problem_type:
+            kwargs["problem_type"] = info.problem_type
+        if info.pad_token_id is not None:
+            kwargs["pad_token_id"] = info.pad_token_id
+        return kwargs
+
+    def check_head(self, base_config: dict[str, Any], base: str) -> None:
+        """Fail when the base already has a classification head of another size than this adapter's."""
+        ours = self.task_info.num_labels
+        if self.task_type != SEQ_CLS or ours is None or infer_task(base_config) != SEQ_CLS:
+            return
+        theirs = len(base_config.get("id2label") or {}) or base_config.get("num_labels")
+        if theirs and theirs != ours:
+            raise UserError(
+                f"the adapter's classifier has {ours} labels, the head of the base model {base} has {theirs}; "
+                f"use the base it was trained on (a bare encoder, or a head of {ours} labels)"
+            )
+
+    def merged_config(self, base_config: dict[str, Any]) -> dict[str, Any]:
+        """The config.json of base + this adapter: a classifier says what it is (architecture, labels, pad)."""
+        kwargs = self.model_kwargs()
+        if not kwargs:
+            return base_config
+        config = {**base_config, **kwargs, "architectures": [sequence_classifier_class(base_config["model_type"])]}
+        config["id2label"] = {str(k): v for k, v in kwargs["id2label"].items()}
+        return config
 
     @torch.no_grad()
     def apply_to(self, model: nn.Module, base: str = "the base model") -> nn.Module:

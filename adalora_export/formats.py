@@ -22,10 +22,10 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from .adapter import CompactAdapter, ModuleAdapter
+from .adapter import CompactAdapter, ModuleAdapter, TaskInfo
 from .config import AdaLoraConfig
 from .errors import UserError
-from .hf import peft_task_type, task_from_peft
+from .hf import SEQ_CLS, peft_task_type, task_from_peft
 from .io import atomic_output_dir, check_output_path, load_tensors, read_json, write_json
 from .model import matches_target
 from .state import PARTS
@@ -158,6 +158,8 @@ def save_adapter(adapter: CompactAdapter, out_dir: str | os.PathLike, overwrite:
         },
     )
     manifest = {"format": MANIFEST_FORMAT, "config": cfg.to_dict(), **adapter_summary(adapter)}
+    if adapter.task_info.to_json():
+        manifest["task_info"] = adapter.task_info.to_json()
     return write_peft_dir(out_dir, config, tensors, overwrite=overwrite, extra_json={MANIFEST: manifest})
 
 
@@ -237,12 +239,17 @@ def read_adapter_dir(path: str | os.PathLike, allow_pickle: bool = False) -> Com
             fan_in_fan_out=bool(info.get(module, {}).get("fan_in_fan_out", raw.get("fan_in_fan_out", False))),
             importance=_read_importance(info.get(module), kept, module, path / MANIFEST),
         )
+    task_type = task_from_peft(raw.get("task_type"))
+    task_info = TaskInfo.from_json(manifest.get("task_info"), str(path / MANIFEST))
+    if task_type == SEQ_CLS and task_info.id2label is None and raw.get("modules_to_save"):
+        task_info = TaskInfo.for_head(raw["modules_to_save"], extra)  # PEFT's save: the head's size, no names
     return CompactAdapter(
         config=config,
         modules=modules,
         base_model_name_or_path=raw.get("base_model_name_or_path"),
-        task_type=task_from_peft(raw.get("task_type")),
+        task_type=task_type,
         extra_weights=extra,
+        task_info=task_info,
     )
 
 

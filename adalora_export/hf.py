@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -54,6 +55,33 @@ def infer_task(config: dict) -> str:
     return ENCODER
 
 
+def sequence_classifier_class(model_type: str) -> str:
+    """transformers' sequence-classification class name for ``model_type`` (BertForSequenceClassification)."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES
+
+    name = MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES.get(model_type)
+    if name is None:
+        raise UserError(f"transformers has no sequence classifier for model type {model_type!r}")
+    return name
+
+
+@contextlib.contextmanager
+def quiet_transformers():
+    """No load reports or weight-loading bars from transformers while we load a model whose missing
+    parts (a fresh head, the adapter's weights) we supply ourselves; errors still raise."""
+    from transformers.utils import logging
+
+    verbosity, bars = logging.get_verbosity(), logging.is_progress_bar_enabled()
+    logging.set_verbosity_error()
+    logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        logging.set_verbosity(verbosity)
+        if bars:
+            logging.enable_progress_bar()
+
+
 def load_pretrained(
     path: str | os.PathLike, task: str | None = None, allow_pickle: bool = False, **kwargs
 ) -> nn.Module:
@@ -81,6 +109,7 @@ def load_pretrained(
         check_safetensors(weights)  # a damaged file is named here; transformers' error would not name it
     cls = {CAUSAL_LM: AutoModelForCausalLM, SEQ_CLS: AutoModelForSequenceClassification, ENCODER: AutoModel}[task]
     try:
-        return cls.from_pretrained(str(path), trust_remote_code=False, local_files_only=True, **kwargs)
+        with quiet_transformers():
+            return cls.from_pretrained(str(path), trust_remote_code=False, local_files_only=True, **kwargs)
     except (OSError, ValueError, KeyError, SafetensorError) as exc:  # missing, truncated or corrupt weights
         raise UserError(f"cannot load model from {path}: {str(exc).splitlines()[0]}") from None

@@ -298,28 +298,40 @@ class OnnxServer:
 
     # -- encoders and classifiers -------------------------------------------------------------
 
+    @property
+    def max_length(self) -> int | None:
+        """Tokens per text the model was trained with (texts are truncated to it), if the export knows."""
+        return self.manifest.get("max_length")
+
     def _encode(self, texts: list[str]) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
-        enc = self.tokenizer(texts, padding=True, return_tensors="np")
+        # Truncate as training did (its first max_length tokens), so served predictions match evaluation.
+        cut = {"truncation": True, "max_length": self.max_length} if self.max_length else {}
+        enc = self.tokenizer(texts, padding=True, return_tensors="np", **cut)
         feeds = {name: np.asarray(value, dtype=np.int64) for name, value in enc.items()}
         if "token_type_ids" in self._input_types and "token_type_ids" not in feeds:
             feeds["token_type_ids"] = np.zeros_like(feeds["input_ids"])
         return feeds, self.run(feeds)
 
     def classify(self, text: str | list[str]) -> list[dict]:
-        """Per text: the predicted label, its probability and all probabilities by label."""
+        """Per text: the predicted label, its probability and all probabilities by label; ``truncated``
+        says whether the text was cut to the training length (``max_length``)."""
         if self.task != "seq_cls":
             raise UserError(f"{self.onnx_dir} holds a {self.task} graph; classify needs a sequence classifier")
         texts = [text] if isinstance(text, str) else list(text)
         _, out = self._encode(texts)
+        lengths = [len(ids) for ids in self.tokenizer(texts)["input_ids"]]  # before truncation
         logits = out["logits"].astype(np.float64)
         probs = np.exp(logits - logits.max(-1, keepdims=True))
         probs /= probs.sum(-1, keepdims=True)
         labels = self.manifest.get("labels") or {}
         results = []
-        for row in probs:
+        for row, length in zip(probs, lengths):
             names = [labels.get(str(i), str(i)) for i in range(len(row))]
             best = int(row.argmax())
-            results.append({"label": names[best], "score": float(row[best]), "scores": dict(zip(names, row.tolist()))})
+            result = {"label": names[best], "score": float(row[best]), "scores": dict(zip(names, row.tolist()))}
+            if self.max_length:
+                result["truncated"] = length > self.max_length
+            results.append(result)
         return results
 
     def embed(self, text: str | list[str]) -> np.ndarray:

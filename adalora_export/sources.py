@@ -11,9 +11,13 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from .adapter import CompactAdapter
+import torch
+from torch import nn
+
+from .adapter import CompactAdapter, TaskInfo
 from .errors import UserError
 from .formats import ADAPTER_CONFIG, is_adapter_dir, read_adapter_dir
+from .hf import TASKS, check_model_dir, infer_task, load_pretrained
 from .state import compact_from_state, is_state_dir, latest_checkpoint, load_adapter_state
 
 FINAL_STATE = "final"
@@ -49,7 +53,8 @@ def load_adapter(path: str | os.PathLike, allow_pickle: bool = False) -> Compact
     if is_state_dir(source):
         state = load_adapter_state(source)
         meta = {k: state.meta[k] for k in ("base_model_name_or_path", "task_type") if state.meta.get(k)}
-        return compact_from_state(state, **meta)
+        task_info = TaskInfo.from_json(state.meta.get("task_info"), str(source))
+        return compact_from_state(state, task_info=task_info, **meta)
     return read_adapter_dir(source, allow_pickle)
 
 
@@ -65,3 +70,15 @@ def resolve_base_dir(adapter: CompactAdapter, base: str | os.PathLike | None) ->
         if recorded
         else "no base model: pass --base BASE_DIR (the adapter does not name one)"
     )
+
+
+def load_base(
+    adapter: CompactAdapter, base_dir: str | os.PathLike, *, allow_pickle: bool = False, dtype=torch.float32
+) -> nn.Module:
+    """The base model as ``adapter`` was trained on it (its task, a classifier's labels and head size),
+    in eval mode, without the adapter applied. A base whose own head has another size is a UserError."""
+    config = check_model_dir(base_dir)
+    adapter.check_head(config, str(base_dir))
+    task = adapter.task_type if adapter.task_type in TASKS else infer_task(config)
+    kwargs = adapter.model_kwargs()
+    return load_pretrained(base_dir, task, allow_pickle=allow_pickle, dtype=dtype, **kwargs).eval()

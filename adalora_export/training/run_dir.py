@@ -22,15 +22,16 @@ from typing import IO
 
 from torch import nn
 
-from ..adapter import CompactAdapter
+from ..adapter import CompactAdapter, TaskInfo
 from ..allocator import RankAllocator
 from ..config import AdaLoraConfig
 from ..errors import UserError
 from ..formats import save_adapter
 from ..hf import SEQ_CLS
 from ..io import atomic_output_dir, atomic_output_file, check_output_path, read_json, write_json
+from ..model import strip_wrapper_prefix
 from ..report import plot_rank_heatmap
-from ..state import latest_checkpoint, save_adapter_state
+from ..state import PARTS, latest_checkpoint, save_adapter_state
 from .args import RUN_ARGS, TrainArgs
 from .step import NonFiniteStep, StepResult
 
@@ -127,12 +128,28 @@ def first_eval(run_dir: Path) -> dict:
 
 
 # ----------------------------------------------------------------------- outputs
+def task_info(args: TrainArgs, task: str, model: nn.Module) -> TaskInfo:
+    """What the adapter carries of its task: the training length; a classifier's labels, head and pad id."""
+    if task != SEQ_CLS:
+        return TaskInfo(max_length=args.max_length)
+    trained = [strip_wrapper_prefix(n) for n, p in model.named_parameters() if p.requires_grad]
+    head = sorted({n.rpartition(".")[0] for n in trained if n.rpartition(".")[2] not in PARTS})
+    return TaskInfo(
+        id2label={int(k): v for k, v in model.config.id2label.items()},
+        head_modules=head,
+        problem_type="single_label_classification",
+        max_length=args.max_length,
+        pad_token_id=model.config.pad_token_id,
+    )
+
+
 def adapter_meta(args: TrainArgs, task: str, model: nn.Module) -> dict:
-    """What a state directory records about its base, so that pruning and exports find it."""
-    meta = {"base_model_name_or_path": args.model, "task_type": task}
-    if task == SEQ_CLS:
-        meta["id2label"] = {str(k): v for k, v in model.config.id2label.items()}
-    return meta
+    """What a state directory records about its base and task, so that pruning and exports find them."""
+    return {
+        "base_model_name_or_path": args.model,
+        "task_type": task,
+        "task_info": task_info(args, task, model).to_json(),
+    }
 
 
 def write_outputs(
@@ -148,6 +165,7 @@ def write_outputs(
         importance=allocator.final_importance,
         base_model_name_or_path=args.model,
         task_type=task,
+        task_info=task_info(args, task, model),
     )
     save_adapter(adapter, run_dir / "adapter", overwrite=True)
     pattern = {

@@ -86,13 +86,17 @@ def merge_into_base(
     if output.absolute().resolve() == base_dir.absolute().resolve():
         raise UserError(f"the output {output} is the base directory; choose another")
     check_output_path(output, overwrite)
+    adapter.check_head(config, str(base_dir))
     ckpt = open_checkpoint(base_dir, allow_pickle)
     plan = make_plan(adapter, ckpt, tied_weights(base_dir, config))
+    out_config = adapter.merged_config(config)  # a classifier's config says what it is
+    if plan.untied:
+        out_config = {**out_config, "tie_word_embeddings": False}
     with atomic_output_dir(output, overwrite) as tmp:
         written = write_shards(ckpt, plan, tmp, workers)
         if ckpt.index is not None:
             write_index(ckpt, plan, tmp)
-        copy_small_files(base_dir, tmp, untie=bool(plan.untied))
+        copy_small_files(base_dir, tmp, out_config)
     return MergeResult(
         output=output,
         shards=len(ckpt.files),

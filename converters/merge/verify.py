@@ -8,6 +8,7 @@ import torch
 
 from adalora_export.adapter import CompactAdapter
 from adalora_export.hf import TASKS, load_pretrained
+from adalora_export.sources import load_base
 
 
 @torch.no_grad()
@@ -21,14 +22,14 @@ def verify_merge(
 ) -> float:
     """Largest absolute difference of outputs (logits or hidden states) between base + adapter unmerged and
     the merged model, both run in fp32 on ``batches`` random sequences. One model in memory at a time."""
-    task = adapter.task_type if adapter.task_type in TASKS else None  # else the base config's architecture
-    base = adapter.apply_to(load_pretrained(base_dir, task, allow_pickle=allow_pickle, dtype=torch.float32).eval())
+    base = adapter.apply_to(load_base(adapter, base_dir, allow_pickle=allow_pickle), base=str(base_dir))
     text = base.config.get_text_config()
     length = min(16, getattr(text, "max_position_embeddings", None) or getattr(text, "n_positions", None) or 16)
     g = torch.Generator().manual_seed(0)
     inputs = [torch.randint(0, text.vocab_size, (1, length), generator=g) for _ in range(batches)]
     expected = [_output(base(input_ids=ids)) for ids in inputs]
     del base
+    task = adapter.task_type if adapter.task_type in TASKS else None  # else the merged config's architecture
     merged = load_pretrained(merged_dir, task, dtype=torch.float32).eval()
     return max((_output(merged(input_ids=ids)) - want).abs().max().item() for ids, want in zip(inputs, expected))
 

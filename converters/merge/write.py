@@ -24,7 +24,7 @@ import torch
 from tqdm import tqdm
 
 from adalora_export.errors import UserError
-from adalora_export.io import load_tensors, read_json, write_json
+from adalora_export.io import load_tensors, write_json
 
 from .checkpoint import FLOAT_DTYPES, ITEMSIZE, ST_INDEX, Checkpoint, Entry
 from .plan import Item, Merge, Plan, Put, nbytes
@@ -286,15 +286,13 @@ def write_shards(ckpt: Checkpoint, plan: Plan, out_dir: Path, workers: int) -> i
         torch.set_num_threads(threads)
 
 
-def copy_small_files(base_dir: Path, out_dir: Path, untie: bool) -> None:
-    """Copy config, generation config, tokenizer and other non-weight files; untie in config.json if needed."""
+def copy_small_files(base_dir: Path, out_dir: Path, config: dict) -> None:
+    """Copy generation config, tokenizer and other non-weight files; write ``config`` as config.json."""
     for path in sorted(base_dir.iterdir()):
         name = path.name
         if not path.is_file() or name.startswith(".") or name.endswith(WEIGHT_SUFFIXES) or name.endswith(".index.json"):
             continue
-        if name == "config.json" and untie:
-            config = read_json(path)
-            config["tie_word_embeddings"] = False
+        if name == "config.json":
             write_json(out_dir / name, config)
         else:
             shutil.copyfile(path, out_dir / name)

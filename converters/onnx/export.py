@@ -29,8 +29,9 @@ from tqdm import tqdm
 
 from adalora_export.adapter import CompactAdapter, model_shapes
 from adalora_export.errors import UserError
-from adalora_export.hf import CAUSAL_LM, ENCODER, SEQ_CLS, TASKS, check_model_dir, infer_task, load_pretrained
+from adalora_export.hf import CAUSAL_LM, SEQ_CLS, TASKS, check_model_dir, infer_task
 from adalora_export.io import atomic_output_dir, check_output_path, write_json
+from adalora_export.sources import load_base
 
 from .adapter_file import write_adapter_file
 from .branches import PreparedGraph, prepare_model
@@ -54,7 +55,6 @@ DTYPES = ("fp32", "fp16")
 # Largest accepted max|onnx - torch| / max|torch| over unpadded positions. fp16 rounds every
 # weight and activation to 11 significant bits against an fp32 reference.
 DEFAULT_TOLERANCE = {"fp32": 1e-4, "fp16": 2e-2}
-_PEFT_TASKS = {"CAUSAL_LM": CAUSAL_LM, "SEQ_CLS": SEQ_CLS, "FEATURE_EXTRACTION": ENCODER}
 
 
 @dataclass(frozen=True)
@@ -111,16 +111,24 @@ def export_onnx(
 
     with tqdm(total=6, desc=f"ONNX export ({kind.value}, {dtype})", unit="stage") as stages:
         stages.set_postfix_str("loading")
-        model = load_pretrained(base_dir, task, allow_pickle=allow_pickle, dtype=torch.float32).eval()
+        model = load_base(adapter, base_dir, allow_pickle=allow_pickle)
         adapter.check_fits(*model_shapes(model), base=str(base_dir))
         samples = parity_samples(model, graph_spec(model, task, with_past))
         stages.update()
 
         stages.set_postfix_str("torch reference")
         base_extras = {name: model.get_parameter(name).detach().clone() for name in adapter.extra_weights}
-        base_refs = torch_reference(model, task, with_past, samples) if kind == OnnxKind.ADAPTER_INPUTS else None
-        adapter.apply_to(model, base=str(base_dir))
-        refs = torch_reference(model, task, with_past, samples)
+        try:
+            base_refs = torch_reference(model, task, with_past, samples) if kind == OnnxKind.ADAPTER_INPUTS else None
+            adapter.apply_to(model, base=str(base_dir))
+            refs = torch_reference(model, task, with_past, samples)
+        except ValueError as exc:  # transformers' decoder classifiers find each row's last token by the pad id
+            if "padding token" not in str(exc):
+                raise
+            raise UserError(
+                f"the {model.config.model_type} classifier needs a pad token id for batches, and neither the adapter "
+                f"nor {base_dir}/config.json records one: set pad_token_id in that config (train records its own)"
+            ) from None
         stages.update()
 
         stages.set_postfix_str("tracing")
@@ -164,9 +172,8 @@ def _check_options(kind: OnnxKind | str, dtype: str, opset: int | None, toleranc
 
 def _task(adapter: CompactAdapter, config: dict) -> str:
     # The adapter's task wins over the base's architectures: a seq_cls adapter on a plain encoder
-    # checkpoint brings its own classification head. (Ours are named as in hf.py, PEFT's in capitals.)
-    task = _PEFT_TASKS.get(adapter.task_type, adapter.task_type)
-    return task if task in TASKS else infer_task(config)
+    # checkpoint brings its own classification head.
+    return adapter.task_type if adapter.task_type in TASKS else infer_task(config)
 
 
 def _trace(
@@ -204,7 +211,7 @@ def _manifest(
         opset=settings.opset,
         with_past=settings.with_past,
         exporter=f"torch.onnx TorchScript exporter, torch {torch.__version__}",
-        base_model_name_or_path=adapter.base_model_name_or_path or str(base_dir),
+        base_model_name_or_path=str(base_dir.absolute()),  # the base this graph was built from
         init_r=adapter.config.init_r,
         lora_alpha=adapter.config.lora_alpha,
         scale=adapter.scale,
@@ -213,6 +220,8 @@ def _manifest(
         extra_inputs={n: list(t.shape) for n, t in base_extras.items()} if adapter_inputs else {},
         eos_token_ids=_eos_ids(model),
         labels={str(k): v for k, v in (model.config.id2label or {}).items()} if settings.task == SEQ_CLS else {},
+        max_length=adapter.task_info.max_length,
+        pad_token_id=model.config.pad_token_id,
     ).to_dict()
     manifest["inputs"], manifest["outputs"] = io_signature(traced.proto, exclude=set(traced.prepared.defaults))
     if settings.with_past:

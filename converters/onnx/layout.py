@@ -73,6 +73,8 @@ class Manifest:
     extra_inputs: dict[str, list[int]] = field(default_factory=dict)  # swappable head weights -> shape
     eos_token_ids: list[int] = field(default_factory=list)
     labels: dict[str, str] = field(default_factory=dict)  # seq_cls: class index -> label
+    max_length: int | None = None  # tokens per example in training: the server truncates to it
+    pad_token_id: int | None = None
 
     def to_dict(self) -> dict:
         fields = {name: getattr(self, name) for name in self.__dataclass_fields__}
