@@ -235,8 +235,9 @@ class CompactAdapter:
         ours = self.task_info.num_labels
         if self.task_type != SEQ_CLS or ours is None or infer_task(base_config) != SEQ_CLS:
             return
-        theirs = len(base_config.get("id2label") or {}) or base_config.get("num_labels")
-        if theirs and theirs != ours:
+        # transformers leaves its default of 2 labels out of config.json
+        theirs = len(base_config.get("id2label") or {}) or base_config.get("num_labels", 2)
+        if theirs != ours:
             raise UserError(
                 f"the adapter's classifier has {ours} labels, the head of the base model {base} has {theirs}; "
                 f"use the base it was trained on (a bare encoder, or a head of {ours} labels)"

@@ -167,9 +167,15 @@ def _umask() -> int:
 
 
 def _fsync_tree(root: Path) -> None:
+    """Flush every file of an output to disk, and give each the usual permissions: libraries that
+    write through temporary files (onnx's external data, for one) leave them 0600, which another
+    account (a serving user) could not read."""
+    mode = 0o666 & ~_umask()
     for dirpath, _, files in os.walk(root):
         for name in files:
-            with open(os.path.join(dirpath, name), "rb") as fh:
+            path = os.path.join(dirpath, name)
+            os.chmod(path, mode)
+            with open(path, "rb") as fh:
                 os.fsync(fh.fileno())
 
 

@@ -67,7 +67,7 @@ def prepare_run(args: TrainArgs, run_dir: Path, dist: Distributed, resume: bool)
     total_step = args.max_steps or (args.epochs or 1) * per_epoch
     config = args.adalora_config(total_step)  # the preset's schedule, checked against the run's length
 
-    pad_id = pad_token_id(tokenizer)
+    pad_id = pad_token_id(tokenizer, task, args.model)
     net = load_model(args.model, task, train_set, config, dist.device, amp_dtype, pad_id)
     name_groups = optimizer_param_names(net)
     param_names = [name for group in name_groups for name in group]
@@ -115,11 +115,15 @@ def load_tokenizer(model_dir: str):
         raise UserError(f"cannot load a tokenizer from {model_dir}: {str(exc).splitlines()[0]}") from None
 
 
-def pad_token_id(tokenizer) -> int:
+def pad_token_id(tokenizer, task: str, model_dir: str) -> int:
+    """The padding id: the tokenizer's pad token, else its EOS (GPT-2 has no pad token; the choice is
+    recorded in the adapter, because decoder classifiers find each text's last token by it)."""
     for candidate in (tokenizer.pad_token_id, tokenizer.eos_token_id):
         if candidate is not None:
             return int(candidate)
-    return 0
+    if task == SEQ_CLS:
+        raise UserError(f"the tokenizer of {model_dir} has neither a pad nor an EOS token; a classifier needs one")
+    return 0  # causal LM: padding carries no loss and no attention, any id does
 
 
 def choose_task(args: TrainArgs, model_config: dict) -> str:

@@ -103,7 +103,9 @@ def export_onnx(
     kind = _check_options(kind, dtype, opset, tolerance)
     output = check_output_path(output, overwrite)
     base_dir = Path(base_dir)
-    task = _task(adapter, check_model_dir(base_dir))
+    base_config = check_model_dir(base_dir)
+    adapter.check_head(base_config, str(base_dir))
+    task = _task(adapter, base_config)
     if with_past and task != CAUSAL_LM:
         raise UserError(f"--with-past needs a causal LM; {base_dir} is a {task} model")
     tolerance = DEFAULT_TOLERANCE[dtype] if tolerance is None else tolerance

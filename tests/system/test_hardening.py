@@ -26,6 +26,7 @@ from support import (
     TRAIN_FLAGS,
     WORDS,
     ForkServer,
+    adapter_at_ranks,
     copy_tree,
     corrupt_safetensors,
     hidden_temps,
@@ -402,6 +403,43 @@ def _(env, tmp):
 
 
 # ----------------------------------------------------------------------------------- export --onnx
+def gpt2_classifier(env: Env, tmp: Path) -> tuple[Path, Path]:
+    """(a 3-label GPT-2 classifier adapter that records no pad token, a GPT-2 base whose head has 2 labels)."""
+    from transformers import AutoModelForSequenceClassification
+
+    from adalora_export.adapter import TaskInfo
+    from adalora_export.formats import save_adapter
+
+    model = AutoModelForSequenceClassification.from_pretrained(env.gpt2, num_labels=3)
+    adapter = adapter_at_ranks(model, ["c_attn"], [2, 1], base_model_name_or_path=str(env.gpt2), task_type="seq_cls")
+    adapter.extra_weights = {"score.weight": torch.randn(3, 32) * 0.1}
+    adapter.task_info = TaskInfo(id2label={0: "a", 1: "b", 2: "c"}, head_modules=["score"])
+    two = tmp / "two_label_base"
+    AutoModelForSequenceClassification.from_pretrained(env.gpt2, num_labels=2).save_pretrained(two)
+    return save_adapter(adapter, tmp / "classifier"), two
+
+
+@case("merge/classifier-on-a-head-of-another-size")
+def _(env, tmp):
+    adapter, two = gpt2_classifier(env, tmp)
+    argv = merge_argv(adapter, tmp / "out", "--base", two)
+    return Case(argv, tmp / "out", [adapter, two], ["classifier has 3 labels", "has 2"])
+
+
+@case("onnx/classifier-on-a-head-of-another-size")
+def _(env, tmp):
+    adapter, two = gpt2_classifier(env, tmp)
+    argv = onnx_argv(adapter, tmp / "out", "--base", two)
+    return Case(argv, tmp / "out", [adapter, two], ["classifier has 3 labels", "has 2"])
+
+
+@case("onnx/decoder-classifier-without-a-pad-token")
+def _(env, tmp):
+    adapter, _ = gpt2_classifier(env, tmp)
+    argv = onnx_argv(adapter, tmp / "out", "--base", env.gpt2)
+    return Case(argv, tmp / "out", [adapter, env.gpt2], ["gpt2 classifier needs a pad token id"])
+
+
 def onnx_argv(adapter: Path, out: Path, *extra) -> list:
     return ["export", adapter, "--onnx", "--output", out, *extra]
 
