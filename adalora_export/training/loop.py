@@ -25,7 +25,9 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from ..formats import lora_parameters
 from ..model import adapted_layers
+from ..report import lora_comparison
 from .args import TrainArgs, resolve_args
 from .checkpoint import rng_state, save_checkpoint
 from .data import micro_batches
@@ -60,6 +62,7 @@ class TrainResult:
     eval_start: dict = field(default_factory=dict)
     eval_end: dict = field(default_factory=dict)
     files: list[Path] = field(default_factory=list)
+    size: str = ""  # the final adapter's parameters next to LoRA at each uniform rank
     is_main: bool = True  # False on the other ranks of a torchrun job
 
     def summary(self) -> str:
@@ -75,6 +78,8 @@ class TrainResult:
         kept = sum(self.ranks.values())
         lines.append(f"final ranks: {kept} triplets kept (budget {self.budget}) over {len(self.ranks)} matrices")
         lines += [f"  {path} {rank}" for path, rank in self.ranks.items()]
+        if self.size:
+            lines.append(self.size)
         lines += [f"wrote {path}" for path in self.files]
         return "\n".join(lines)
 
@@ -111,7 +116,11 @@ def train(
             say(f"resuming {run_dir} at step {run.start_step}" if run.start_step else f"training into {run_dir}")
             say(describe_run(run))
         eval_start, eval_end = run_steps(run, args, dist, run_dir, progress)
-        files = write_outputs(run_dir, run.net, run.config, run.allocator, args, run.task) if dist.is_main else []
+        files, size = [], ""
+        if dist.is_main:
+            files, adapter = write_outputs(run_dir, run.net, run.config, run.allocator, args, run.task)
+            params = adapter.num_parameters()
+            size = f"adapter: {params:,} parameters. " + lora_comparison(params, lora_parameters(adapter))
         dist.barrier()
         losses = [r["loss"] for r in read_metrics(run_dir) if "loss" in r] if dist.is_main else []
         tenth = max(1, len(losses) // 10)
@@ -126,6 +135,7 @@ def train(
             eval_start=eval_start or (first_eval(run_dir) if dist.is_main else {}),
             eval_end=eval_end,
             files=files,
+            size=size,
             is_main=dist.is_main,
         )
     finally:

@@ -154,8 +154,9 @@ def adapter_meta(args: TrainArgs, task: str, model: nn.Module) -> dict:
 
 def write_outputs(
     run_dir: Path, model: nn.Module, config: AdaLoraConfig, allocator: RankAllocator, args: TrainArgs, task: str
-) -> list[Path]:
-    """final/ (the finished state), adapter/ (compact, PEFT-loadable), rank_pattern.json, the heat map."""
+) -> tuple[list[Path], CompactAdapter]:
+    """final/ (the finished state), adapter/ (compact, PEFT-loadable), rank_pattern.json, the heat map;
+    returns the files and the compact adapter."""
     with atomic_output_dir(run_dir / "final", overwrite=True) as tmp:
         save_adapter_state(model, config, allocator, config.total_step, tmp, meta=adapter_meta(args, task, model))
     adapter = CompactAdapter.from_model(
@@ -178,4 +179,5 @@ def write_outputs(
     with atomic_output_file(run_dir / "rank_pattern.json", overwrite=True) as tmp:
         write_json(tmp, pattern)
     plot_rank_heatmap(adapter, run_dir / "rank_heatmap.png", overwrite=True)
-    return [run_dir / "final", run_dir / "adapter", run_dir / "rank_pattern.json", run_dir / "rank_heatmap.png"]
+    files = [run_dir / "final", run_dir / "adapter", run_dir / "rank_pattern.json", run_dir / "rank_heatmap.png"]
+    return files, adapter

@@ -84,6 +84,11 @@ def test_run_outputs(reference, llama_dir):
     assert all(r["final"] for r in steps[7:]) and not steps[6]["final"]
     assert [p.name for p in list_checkpoints(out)] == [f"checkpoint-{s}" for s in range(2, 13, 2)]
     adapter = load_adapter(out / "adapter")
+    # the end of train reports the final size next to LoRA at each uniform rank on the same matrices
+    fan = sum(m.in_features + m.out_features for m in adapter.modules.values())
+    assert (
+        f"adapter: {adapter.num_parameters():,} parameters. LoRA on the same matrices: r=1 {fan:,}" in result.summary()
+    )
     assert sum(adapter.rank_pattern.values()) == 2 * 14 == result.budget
     assert adapter.rank_pattern == result.ranks
     assert adapter.base_model_name_or_path == str(llama_dir.absolute()) and adapter.task_type == "causal_lm"
