@@ -48,7 +48,7 @@ from .graph import (
     to_fp16,
     trace_to_onnx,
 )
-from .layout import ADAPTER_FILE, MANIFEST, Manifest, OnnxKind, copy_tokenizer_files
+from .layout import ADAPTER_FILE, GENAI_CONFIG, MANIFEST, Manifest, OnnxKind, copy_tokenizer_files, genai_config
 from .parity import check_parity, parity_samples, torch_reference
 
 DTYPES = ("fp32", "fp16")
@@ -243,6 +243,8 @@ def _save(
     model.config.architectures = [type(model).__name__]  # the task exported, whatever the base said
     model.config.save_pretrained(directory)
     copy_tokenizer_files(base_dir, directory)
+    if manifest.get("cache"):  # a causal LM with a KV cache: onnxruntime-genai can run it as it is
+        write_json(directory / GENAI_CONFIG, genai_config(manifest, model.config.to_dict()))
     if manifest["kind"] == OnnxKind.ADAPTER_INPUTS.value:
         manifest["adapter_file"] = ADAPTER_FILE
         write_adapter_file(adapter, manifest, directory / ADAPTER_FILE)

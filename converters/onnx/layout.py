@@ -23,6 +23,7 @@ MODEL_FILE = "model.onnx"
 DATA_FILE = "model.onnx.data"
 MANIFEST = "onnx_manifest.json"
 ADAPTER_FILE = "adapter.onnx_adapter"
+GENAI_CONFIG = "genai_config.json"  # onnxruntime-genai's description of a causal LM with a KV cache
 MANIFEST_FORMAT = "adalora-export-onnx"
 MANIFEST_VERSION = 1
 TOKENIZER_FILES = (
@@ -80,6 +81,67 @@ class Manifest:
         fields = {name: getattr(self, name) for name in self.__dataclass_fields__}
         fields["kind"] = OnnxKind(self.kind).value
         return {"format": MANIFEST_FORMAT, "version": MANIFEST_VERSION, **fields}
+
+
+def genai_config(manifest: dict, config: dict) -> dict:
+    """onnxruntime-genai's ``genai_config.json`` for a causal-LM graph with a KV cache (``manifest``:
+    ours, ``config``: the model's config.json), so that ``onnxruntime_genai.Model(ONNX_DIR)`` runs it.
+
+    Written by hand because onnxruntime-genai's builder writes it only for graphs it builds itself.
+    Our graph concatenates the cache (present = past + new), so the cache buffer is not shared.
+    """
+    cache = manifest["cache"]
+    text = config.get("text_config") or config
+    eos = manifest.get("eos_token_ids") or []
+    context = text.get("max_position_embeddings") or text.get("n_positions") or 2048
+    inputs = {i["name"] for i in manifest["inputs"]}
+    names = {"input_ids": "input_ids", "attention_mask": "attention_mask"}
+    if "position_ids" in inputs:
+        names["position_ids"] = "position_ids"
+    heads = text.get("num_attention_heads") or text.get("n_head")
+    decoder = {
+        "session_options": {"log_id": "onnxruntime-genai", "provider_options": []},
+        "filename": MODEL_FILE,
+        "head_size": cache["head_dim"],
+        "hidden_size": text.get("hidden_size") or text.get("n_embd"),
+        "inputs": {**names, "past_key_names": "past_key_values.%d.key", "past_value_names": "past_key_values.%d.value"},
+        "outputs": {
+            "logits": "logits",
+            "present_key_names": "present.%d.key",
+            "present_value_names": "present.%d.value",
+        },
+        "num_attention_heads": heads,
+        "num_hidden_layers": cache["num_layers"],
+        "num_key_value_heads": cache["num_kv_heads"],
+    }
+    expected = [f"past_key_values.{i}.{kv}" for i in range(cache["num_layers"]) for kv in ("key", "value")]
+    if cache["inputs"] != expected:
+        raise ValueError(f"cache inputs {cache['inputs'][:2]}... do not follow past_key_values.%d.key/value")
+    model = {
+        # onnxruntime-genai picks its model class by type; "gpt2" selects its legacy class with one
+        # combined cache tensor per layer, while every graph of ours has the generic decoder-only
+        # signature (separate key and value per layer), which its llama class reads.
+        "type": "llama" if manifest["model_type"] == "gpt2" else manifest["model_type"],
+        "bos_token_id": text.get("bos_token_id") if text.get("bos_token_id") is not None else (eos or [0])[0],
+        "eos_token_id": eos if len(eos) != 1 else eos[0],
+        "pad_token_id": text.get("pad_token_id") if text.get("pad_token_id") is not None else (eos or [0])[0],
+        "context_length": context,
+        "vocab_size": text.get("vocab_size"),
+        "decoder": decoder,
+    }
+    search = {
+        "do_sample": False,
+        "max_length": context,
+        "min_length": 0,
+        "num_beams": 1,
+        "num_return_sequences": 1,
+        "past_present_share_buffer": False,
+        "repetition_penalty": 1.0,
+        "temperature": 1.0,
+        "top_k": 50,
+        "top_p": 1.0,
+    }
+    return {"model": model, "search": search}
 
 
 def open_onnx_dir(onnx_dir: str | os.PathLike) -> tuple[Path, dict]:
