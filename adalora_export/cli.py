@@ -157,7 +157,12 @@ def inspect_command(adapter_dir, as_json, plot, allow_pickle, overwrite) -> None
 @click.option("--provider", type=click.Choice(PROVIDERS), default="auto", show_default=True)
 def infer(onnx_dir, **options) -> None:
     """Run an exported graph with onnxruntime: --prompt for causal LMs, --text for encoders/classifiers."""
-    click.echo(run_inference(onnx_dir, **options))
+    if options["prompt"] is None:
+        click.echo(run_inference(onnx_dir, **options))
+        return
+    # Generated text is printed as it arrives, then the line is ended.
+    run_inference(onnx_dir, on_text=lambda piece: click.echo(piece, nl=False), **options)
+    click.echo()
 
 
 def _exit_on_sigterm(signum, frame) -> None:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import ctypes
 import json
 import os
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -237,8 +238,8 @@ class OnnxServer:
 
     def _step(self, ids: np.ndarray, mask: np.ndarray, past: list[np.ndarray] | None) -> tuple[np.ndarray, list]:
         """Logits of the last position, and the new cache (when the graph has one)."""
-        total = mask.shape[1]
-        positions = np.arange(total - ids.shape[1], total, dtype=np.int64)[None, :].repeat(ids.shape[0], 0)
+        # Positions count real tokens only, so a left-padded row is where it would be alone.
+        positions = np.clip(mask.cumsum(-1) - 1, 0, None)[:, -ids.shape[1] :].astype(np.int64)
         feeds = {"input_ids": ids, "attention_mask": mask, "position_ids": positions}
         if self.with_past:
             if past is None:
@@ -254,47 +255,96 @@ class OnnxServer:
         shape = (batch, cache["num_kv_heads"], 0, cache["head_dim"])
         return [np.zeros(shape, self._float) for _ in cache["inputs"]]
 
-    def generate_ids(
+    def generate_batch_ids(
         self,
-        input_ids: list[int],
+        batch: list[list[int]],
         max_new_tokens: int = 32,
         do_sample: bool = False,
         temperature: float = 1.0,
         top_k: int | None = None,
         seed: int | None = None,
         use_cache: bool = True,
-    ) -> list[int]:
-        """New token ids after ``input_ids`` (stops after an end-of-sequence token, which is kept)."""
+    ) -> Iterator[list[int | None]]:
+        """Generate for several prompts at once; yields, per step, each row's new token (None once the
+        row has ended with an end-of-sequence token, which is kept).
+
+        Prompts are left-padded to one width (padding carries no attention; positions count real
+        tokens only), so each row gets what it would alone, one graph run per step for all of them.
+        """
         if self.task != "causal_lm":
             raise UserError(f"{self.onnx_dir} holds a {self.task} graph; generation needs a causal LM")
         if max_new_tokens < 0:
             raise UserError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
         if do_sample and not temperature > 0:
             raise UserError(f"temperature must be > 0, got {temperature}")
+        if not batch or any(len(ids) == 0 for ids in batch):
+            raise UserError("every prompt needs at least one token")
         rng = np.random.default_rng(seed)
         eos = set(self.manifest.get("eos_token_ids") or [])
-        sequence = list(input_ids)
-        past, new = None, []
+        pad = self.manifest.get("pad_token_id") or next(iter(eos), 0)
+        width = max(len(ids) for ids in batch)
+        sequences = np.asarray([[pad] * (width - len(ids)) + list(ids) for ids in batch], dtype=np.int64)
+        mask = np.asarray([[0] * (width - len(ids)) + [1] * len(ids) for ids in batch], dtype=np.int64)
         cached = use_cache and self.with_past
+        fresh, past, done = sequences, None, [False] * len(batch)
         for _ in range(max_new_tokens):
             # With the cache, only the tokens the graph has not seen yet are fed.
-            fresh = sequence[len(sequence) - 1 :] if (cached and past is not None) else sequence
-            ids = np.asarray([fresh], dtype=np.int64)
-            mask = np.ones((1, len(sequence)), dtype=np.int64)
-            logits, presents = self._step(ids, mask, past if cached else None)
-            if cached:
-                past = presents
-            token = _pick(logits[0], do_sample, temperature, top_k, rng)
-            sequence.append(token)
-            new.append(token)
-            if token in eos:
-                break
-        return new
+            logits, presents = self._step(fresh if cached else sequences, mask, past if cached else None)
+            past = presents if cached else None
+            step = [None if done[i] else _pick(row, do_sample, temperature, top_k, rng) for i, row in enumerate(logits)]
+            done = [d or t in eos for d, t in zip(done, step)]
+            yield step
+            if all(done):
+                return
+            fresh = np.asarray([[pad if t is None else t] for t in step], dtype=np.int64)
+            sequences = np.concatenate([sequences, fresh], axis=1)
+            mask = np.concatenate([mask, np.ones((len(batch), 1), dtype=np.int64)], axis=1)
 
-    def generate(self, prompt: str, max_new_tokens: int = 32, **kwargs) -> str:
-        """The text generated after ``prompt`` (see ``generate_ids`` for the options)."""
-        ids = self.tokenizer(prompt)["input_ids"]
-        return self.tokenizer.decode(self.generate_ids(ids, max_new_tokens, **kwargs), skip_special_tokens=True)
+    def generate_ids(self, input_ids: list[int], max_new_tokens: int = 32, **options) -> list[int]:
+        """New token ids after ``input_ids`` (see ``generate_batch_ids`` for the options)."""
+        return [step[0] for step in self.generate_batch_ids([list(input_ids)], max_new_tokens, **options)]
+
+    def generate(
+        self,
+        prompt: str | list[str],
+        max_new_tokens: int = 32,
+        on_text: Callable[[int, str], None] | None = None,
+        **options,
+    ) -> str | list[str]:
+        """The text generated after ``prompt`` (or after each of a list of prompts, in one batch).
+
+        ``on_text(row, piece)`` is called with each piece of text as soon as it is decoded; the
+        options are ``generate_batch_ids``'s.
+        """
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        new: list[list[int]] = [[] for _ in prompts]
+        for row, piece in self._pieces(prompts, new, max_new_tokens, **options):
+            if on_text is not None:
+                on_text(row, piece)
+        texts = [self.tokenizer.decode(ids, skip_special_tokens=True) for ids in new]
+        return texts[0] if isinstance(prompt, str) else texts
+
+    def stream(self, prompt: str, max_new_tokens: int = 32, **options) -> Iterator[str]:
+        """The text generated after ``prompt``, piece by piece as each token is decoded."""
+        for _, piece in self._pieces([prompt], [[]], max_new_tokens, **options):
+            yield piece
+
+    def _pieces(
+        self, prompts: list[str], new: list[list[int]], max_new_tokens: int, **options
+    ) -> Iterator[tuple[int, str]]:
+        """(row, new text) as tokens arrive; ``new`` collects each row's token ids."""
+        batch = [self.tokenizer(p)["input_ids"] for p in prompts]
+        shown = [""] * len(prompts)
+        for step in self.generate_batch_ids(batch, max_new_tokens, **options):
+            for row, token in enumerate(step):
+                if token is None:
+                    continue
+                new[row].append(token)
+                # Decode the whole tail: a character may span tokens, and a piece is only what it adds.
+                text = self.tokenizer.decode(new[row], skip_special_tokens=True)
+                if text != shown[row] and text.startswith(shown[row]):
+                    yield row, text[len(shown[row]) :]
+                    shown[row] = text
 
     # -- encoders and classifiers -------------------------------------------------------------
 
@@ -370,15 +420,18 @@ def infer(
     temperature: float = 1.0,
     top_k: int | None = None,
     seed: int | None = None,
+    on_text: Callable[[str], None] | None = None,
 ) -> str:
     """The line ``adalora-export infer`` prints: the text generated after ``prompt`` (causal LM), or for
-    ``text`` a JSON classification (sequence classifier) or a JSON mean-pooled embedding (encoder)."""
+    ``text`` a JSON classification (sequence classifier) or a JSON mean-pooled embedding (encoder).
+    ``on_text`` receives the generated text piece by piece as it is decoded (streaming)."""
     if (prompt is None) == (text is None):
         raise UserError("give exactly one of --prompt (causal LM) or --text (classifier, encoder)")
     server = OnnxServer(onnx_dir, provider=provider, adapter=adapter)
     if prompt is not None:
         options = dict(do_sample=sample, temperature=temperature, top_k=top_k, seed=seed)
-        return server.generate(prompt, max_new_tokens, **options)
+        stream = (lambda _, piece: on_text(piece)) if on_text is not None else None
+        return server.generate(prompt, max_new_tokens, on_text=stream, **options)
     if server.task == "seq_cls":
         return json.dumps(server.classify(text)[0])
     return json.dumps({"embedding": server.embed(text)[0].round(6).tolist()})

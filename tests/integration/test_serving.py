@@ -51,6 +51,31 @@ def test_infer_greedy_matches_transformers_generate(llama_graph, capsys):
     )
 
 
+def test_a_batch_of_prompts_gives_each_what_it_gets_alone(llama_graph):
+    _, base_dir, adapter, out = llama_graph
+    merged = unwrap_adapters(adapter.apply_to(load_pretrained(base_dir, dtype=torch.float32).eval()))
+    server = OnnxServer(out, provider="cpu")
+    prompts = [PROMPT, "w3", "w8 w1 w60 w2 w2 w7 w31"]  # different lengths: left padding in one batch
+    for use_cache in (True, False):
+        texts = server.generate(prompts, 10, use_cache=use_cache)
+        for prompt, text in zip(prompts, texts):
+            ids = server.tokenizer(prompt)["input_ids"]
+            with torch.no_grad():
+                want = merged.generate(torch.tensor([ids]), max_new_tokens=10, do_sample=False)[0, len(ids) :]
+            assert text == server.tokenizer.decode(want.tolist(), skip_special_tokens=True), (prompt, use_cache)
+
+
+def test_streaming_gives_the_text_piece_by_piece(llama_graph, capsys):
+    _, _, _, out = llama_graph
+    server = OnnxServer(out, provider="cpu")
+    whole = server.generate(PROMPT, 12)
+    pieces = list(server.stream(PROMPT, 12))
+    assert len(pieces) > 1 and "".join(pieces) == whole  # one piece per decoded token, in order
+    seen = []
+    assert infer(out, prompt=PROMPT, max_new_tokens=12, provider="cpu", on_text=seen.append) == whole
+    assert seen == pieces
+
+
 def test_kv_cache_path_equals_no_cache_path(llama_graph):
     _, _, _, out = llama_graph
     server = OnnxServer(out, provider="cpu")
