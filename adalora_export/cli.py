@@ -12,7 +12,7 @@ import sys
 
 import click
 
-from .converters.onnx import DTYPES, MAX_OPSET, MIN_OPSET
+from .converters.onnx import DTYPES, MAX_OPSET, MIN_OPSET, OPTIMIZED_DTYPES, TARGETS
 from .demo import run_demo
 from .errors import UserError
 from .export import LORA_FORMATS, LORA_LAYOUTS, export_adapter
@@ -98,10 +98,21 @@ def demo(output: str | None, steps: int | None, overwrite: bool) -> None:
     default=None,
     help="With --to lora: compact (per-module ranks; default) or uniform (all at the largest rank; README).",
 )
-@click.option("--dtype", type=click.Choice(DTYPES), default=None, help="With --onnx: weight dtype (default fp32).")
+@click.option(
+    "--dtype",
+    type=click.Choice(sorted(set(DTYPES) | set(OPTIMIZED_DTYPES))),
+    default=None,
+    help="With --onnx: weight dtype (default fp32; int4 with --optimized).",
+)
 @click.option("--opset", type=int, default=None, help=f"With --onnx: ONNX opset ({MIN_OPSET}..{MAX_OPSET}).")
 @click.option("--with-past", is_flag=True, help="With --onnx: causal LM graph with a KV cache.")
 @click.option("--adapter-inputs", is_flag=True, help="With --onnx: adapter weights are hot-swappable inputs.")
+@click.option(
+    "--optimized",
+    is_flag=True,
+    help="With --onnx --merge: onnxruntime-genai's builder makes the graph (fused attention, KV cache; Llama and kin).",
+)
+@click.option("--target", type=click.Choice(TARGETS), default=None, help="With --optimized: cpu (default) or cuda.")
 @click.option("--tolerance", type=float, default=None, help="With --onnx: largest relative ONNX/torch difference.")
 @click.option(
     "--graph",

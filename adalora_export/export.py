@@ -14,7 +14,7 @@ from pathlib import Path
 
 from .converters.lora import LORA_LAYOUTS, export_lora
 from .converters.merge import merge_into_base, verify_merge
-from .converters.onnx import OnnxKind, export_onnx, write_onnx_adapter
+from .converters.onnx import OnnxKind, export_onnx, export_optimized, write_onnx_adapter
 from .errors import UserError
 from .io import check_output_path
 from .sources import load_adapter, resolve_base_dir
@@ -39,7 +39,7 @@ def _refuse(given: dict[str, object], allowed: set[str], what: str) -> None:
             raise UserError(f"{flag} does not apply to {what}")
 
 
-def _check_flags(given: dict[str, object], *, to: str | None, onnx: bool, graph: object) -> None:
+def _check_flags(given: dict[str, object], *, to: str | None, onnx: bool, graph: object, optimized: bool) -> None:
     """UserError for a flag that does not apply to the chosen target (``given``: flag -> value)."""
     if to is not None:
         if to not in LORA_FORMATS:
@@ -51,6 +51,9 @@ def _check_flags(given: dict[str, object], *, to: str | None, onnx: bool, graph:
         )
     elif graph is not None:
         _refuse(given, {"--graph"}, "--onnx --graph (the graph fixes base, kind, dtype and opset)")
+    elif optimized:
+        allowed = {"--base", "--merge", "--optimized", "--dtype", "--target", "--tolerance"}
+        _refuse(given, allowed, "--onnx --merge --optimized (onnxruntime-genai's builder: its graph has a KV cache)")
     else:
         _refuse(
             given,
@@ -68,6 +71,8 @@ def export_adapter(
     merge: bool = False,
     onnx: bool = False,
     adapter_inputs: bool = False,
+    optimized: bool = False,
+    target: str | None = None,
     graph: str | os.PathLike | None = None,
     base: str | os.PathLike | None = None,
     dtype: str | None = None,
@@ -88,11 +93,15 @@ def export_adapter(
         raise UserError("choose exactly one of --to lora, --merge, --onnx [--merge | --adapter-inputs]")
     if onnx and merge and adapter_inputs:
         raise UserError("--merge and --adapter-inputs exclude each other: a merged graph has no adapter inputs")
+    if optimized and onnx and not merge:
+        raise UserError("--optimized builds a merged graph: add --merge")
     given = {
         "--lora-layout": lora_layout,
         "--base": base,
         "--merge": merge,
         "--adapter-inputs": adapter_inputs,
+        "--optimized": optimized,
+        "--target": target,
         "--graph": graph,
         "--dtype": dtype,
         "--opset": opset,
@@ -101,7 +110,7 @@ def export_adapter(
         "--workers": workers,
         "--verify": verify,
     }
-    _check_flags(given, to=to, onnx=onnx, graph=graph)
+    _check_flags(given, to=to, onnx=onnx, graph=graph, optimized=optimized)
     if workers is not None and workers < 1:
         raise UserError(f"--workers must be >= 1, got {workers}")
 
@@ -119,6 +128,12 @@ def export_adapter(
     base_dir = resolve_base_dir(adapter, base)
     if not onnx:
         return _merge(adapter, base_dir, output, workers or 1, verify, overwrite, allow_pickle)
+    if optimized:
+        options = dict(dtype=dtype or "fp32", target=target or "cpu", tolerance=tolerance)
+        manifest = export_optimized(
+            adapter, base_dir, output, overwrite=overwrite, allow_pickle=allow_pickle, **options
+        )
+        return ExportResult("optimized", output, [_onnx_line(OnnxKind.OPTIMIZED, output, base_dir, manifest)])
     kind = OnnxKind.MERGED if merge else OnnxKind.ADAPTER_INPUTS if adapter_inputs else OnnxKind.RANK_COMPACT
     manifest = export_onnx(
         adapter,
@@ -149,4 +164,6 @@ def _onnx_line(kind: OnnxKind, output: Path, base_dir: Path, manifest: dict) -> 
     line = f"wrote {kind.value} ONNX graph {output} from base {base_dir}"
     if "max_relative_error" in parity:
         line += f": onnxruntime vs torch {parity['max_relative_error']:.2g} (relative)"
+    if "greedy_agreement" in parity:
+        line += f", greedy tokens {parity['greedy_agreement']:.0%} equal"
     return line

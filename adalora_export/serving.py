@@ -186,8 +186,17 @@ class OnnxServer:
         self.onnx_dir = Path(onnx_dir)
         model_path, self.manifest = check_onnx_dir(self.onnx_dir)
         self.task = self.manifest["task"]
-        self.session = _open_session(model_path, provider, threads)
-        self._input_types = {i.name: i.type for i in self.session.get_inputs()}
+        self._genai = None
+        if self.manifest["kind"] == OnnxKind.OPTIMIZED.value:
+            # The builder's graph (fused attention over a shared cache buffer) is driven by its own
+            # runtime, onnxruntime-genai, which owns the cache and the search.
+            import onnxruntime_genai as og
+
+            self._genai = og.Model(str(self.onnx_dir))
+            self.session, self._input_types = None, {}
+        else:
+            self.session = _open_session(model_path, provider, threads)
+            self._input_types = {i.name: i.type for i in self.session.get_inputs()}
         self._float = np.float16 if self.manifest["dtype"] == "fp16" else np.float32
         self._tokenizer = None
         self._run_options = None
@@ -195,6 +204,8 @@ class OnnxServer:
 
     @property
     def provider(self) -> str:
+        if self._genai is not None:
+            return "CUDAExecutionProvider" if self.manifest.get("target") == "cuda" else "CPUExecutionProvider"
         return self.session.get_providers()[0]
 
     @property
@@ -279,6 +290,9 @@ class OnnxServer:
             raise UserError(f"temperature must be > 0, got {temperature}")
         if not batch or any(len(ids) == 0 for ids in batch):
             raise UserError("every prompt needs at least one token")
+        if self._genai is not None:
+            yield from self._genai_steps(batch, max_new_tokens, do_sample, temperature, top_k, seed)
+            return
         rng = np.random.default_rng(seed)
         eos = set(self.manifest.get("eos_token_ids") or [])
         pad = self.manifest.get("pad_token_id") or next(iter(eos), 0)
@@ -299,6 +313,42 @@ class OnnxServer:
             fresh = np.asarray([[pad if t is None else t] for t in step], dtype=np.int64)
             sequences = np.concatenate([sequences, fresh], axis=1)
             mask = np.concatenate([mask, np.ones((len(batch), 1), dtype=np.int64)], axis=1)
+
+    def _genai_steps(
+        self, batch: list[list[int]], max_new_tokens: int, do_sample: bool, temperature: float, top_k, seed
+    ) -> Iterator[list[int | None]]:
+        """``generate_batch_ids`` on onnxruntime-genai: one generator per row, stepped together."""
+        import onnxruntime_genai as og
+
+        eos = set(self.manifest.get("eos_token_ids") or [])
+        generators = []
+        for ids in batch:
+            params = og.GeneratorParams(self._genai)
+            search = {"max_length": len(ids) + max_new_tokens, "do_sample": do_sample}
+            if do_sample:
+                search["temperature"] = temperature
+                if top_k:
+                    search["top_k"] = top_k
+                if seed is not None:
+                    search["random_seed"] = seed
+            params.set_search_options(**search)
+            generator = og.Generator(self._genai, params)
+            generator.append_tokens(ids)
+            generators.append(generator)
+        done = [max_new_tokens == 0] * len(batch)
+        while not all(done):
+            step: list[int | None] = []
+            for i, generator in enumerate(generators):
+                if done[i] or generator.is_done():
+                    done[i] = True
+                    step.append(None)
+                    continue
+                generator.generate_next_token()
+                token = int(generator.get_next_tokens()[0])
+                done[i] = token in eos or generator.is_done()
+                step.append(token)
+            if any(t is not None for t in step):
+                yield step
 
     def generate_ids(self, input_ids: list[int], max_new_tokens: int = 32, **options) -> list[int]:
         """New token ids after ``input_ids`` (see ``generate_batch_ids`` for the options)."""

@@ -10,6 +10,7 @@ from .adapter_file import write_onnx_adapter
 from .export import DEFAULT_TOLERANCE, DTYPES, export_onnx
 from .graph import DEFAULT_OPSET, MAX_OPSET, MIN_OPSET
 from .layout import ADAPTER_FILE, MANIFEST, MODEL_FILE, OnnxKind
+from .optimized import OPTIMIZED_DTYPES, TARGETS, export_optimized
 
 __all__ = [
     "ADAPTER_FILE",
@@ -20,7 +21,10 @@ __all__ = [
     "MAX_OPSET",
     "MIN_OPSET",
     "MODEL_FILE",
+    "OPTIMIZED_DTYPES",
     "OnnxKind",
+    "TARGETS",
     "export_onnx",
+    "export_optimized",
     "write_onnx_adapter",
 ]

@@ -163,6 +163,8 @@ def _check_options(kind: OnnxKind | str, dtype: str, opset: int | None, toleranc
         kind = OnnxKind(kind)
     except ValueError:
         raise UserError(f"unknown ONNX kind {kind!r}: expected one of {', '.join(k.value for k in OnnxKind)}") from None
+    if kind == OnnxKind.OPTIMIZED:
+        raise UserError("optimized graphs are built by onnxruntime-genai's builder: use export_optimized")
     if dtype not in DTYPES:
         raise UserError(f"unknown dtype {dtype!r}: expected fp32 or fp16")
     if opset is not None and not MIN_OPSET <= opset <= MAX_OPSET:

@@ -47,6 +47,7 @@ class OnnxKind(str, enum.Enum):
     MERGED = "merged"  # the adapter merged into the base weights
     RANK_COMPACT = "rank_compact"  # base weights + one branch per adapted layer at its final rank
     ADAPTER_INPUTS = "adapter_inputs"  # branch weights are graph inputs: adapters swap per request
+    OPTIMIZED = "optimized"  # merged, built by onnxruntime-genai's model builder (fused attention, int4)
 
 
 @dataclass
