@@ -1,0 +1,191 @@
+"""Generation speed on this machine: torch eager against our graphs and onnxruntime-genai's, side by side.
+
+    python bench/bench_genai.py [--quick] [--threads N]
+
+One Llama-style model (hidden 512, 8 layers, random weights) with an AdaLoRA adapter of
+heterogeneous per-layer ranks (zeros included), greedy decoding of ``--new`` tokens after a
+``--prompt``-token prompt, at batch 1 and 8. Routes:
+
+- torch eager, merged (the adapter merged into the weights), with transformers' KV cache;
+- ours merged fp32 (``export --onnx --merge --with-past``) through ``OnnxServer``;
+- ours adapter-inputs fp32 with the adapter active (``--adapter-inputs --with-past``): through
+  ``OnnxServer`` and through onnxruntime-genai (``og.Adapters``);
+- the builder's optimized fp32 and int4 graphs (``--onnx --merge --optimized``): through
+  ``OnnxServer`` (which drives onnxruntime-genai) and through onnxruntime-genai directly.
+
+Reported: prefill latency (prompt -> first token) and decode tokens/s (the remaining tokens of all
+rows over their time), and decode ratios against torch eager, in one run. Read the speeds only
+from a quiet machine; the script says how many threads it used.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from adalora_export import AdaLoraConfig, CompactAdapter, ModuleAdapter  # noqa: E402
+from adalora_export.converters.merge import merge_into_base  # noqa: E402
+from adalora_export.converters.onnx import OnnxKind, export_onnx, export_optimized  # noqa: E402
+from adalora_export.formats import save_adapter  # noqa: E402
+from adalora_export.hf import load_pretrained  # noqa: E402
+from adalora_export.model import DEFAULT_TARGET_MODULES, find_target_paths  # noqa: E402
+from adalora_export.serving import OnnxServer  # noqa: E402
+from adalora_export.toy import toy_config, toy_tokenizer  # noqa: E402
+
+
+def build_model(root: Path, hidden: int, layers: int) -> tuple[Path, Path]:
+    """A random Llama base directory and an adapter at ranks 0..8 on every projection."""
+    from transformers import LlamaForCausalLM
+
+    tokenizer = toy_tokenizer([f"w{i}" for i in range(4000)])
+    config = toy_config("llama", len(tokenizer), hidden, layers, max_position_embeddings=512)
+    config.num_attention_heads = hidden // 64
+    config.num_key_value_heads = max(1, hidden // 128)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config).eval()
+    model.save_pretrained(root / "base")
+    tokenizer.save_pretrained(root / "base")
+    targets = DEFAULT_TARGET_MODULES["llama"]
+    g = torch.Generator().manual_seed(1)
+    modules = {}
+    for i, path in enumerate(find_target_paths(model, targets)):
+        out_f, in_f = model.get_submodule(path).weight.shape
+        r = [0, 2, 4, 8, 6, 3, 1][i % 7]
+        modules[path] = ModuleAdapter(
+            torch.randn(r, in_f, generator=g) * 0.02,
+            torch.randn(r, 1, generator=g),
+            torch.randn(out_f, r, generator=g) * 0.02,
+        )
+    adapter = CompactAdapter(AdaLoraConfig(init_r=8, target_r=4, target_modules=targets), modules, str(root / "base"))
+    return root / "base", save_adapter(adapter, root / "adapter")
+
+
+def prompts(batch: int, length: int) -> list[list[int]]:
+    rng = np.random.default_rng(batch)
+    return [rng.integers(10, 3000, length).tolist() for _ in range(batch)]
+
+
+def timed_steps(steps) -> tuple[float, float, int]:
+    """(seconds to the first step, seconds for the rest, tokens in the rest) of a step iterator."""
+    start = time.perf_counter()
+    first = rest = None
+    tokens = 0
+    for i, step in enumerate(steps):
+        now = time.perf_counter()
+        if i == 0:
+            first = now - start
+            mark = now
+        else:
+            tokens += sum(t is not None for t in step)
+            rest = now - mark
+    return first, rest or float("nan"), tokens
+
+
+@torch.no_grad()
+def torch_steps(model, batch: list[list[int]], new: int):
+    ids = torch.tensor(batch)
+    out = model(input_ids=ids, use_cache=True)
+    for _ in range(new):
+        token = out.logits[:, -1].argmax(-1, keepdim=True)
+        yield token[:, 0].tolist()
+        out = model(input_ids=token, past_key_values=out.past_key_values, use_cache=True)
+
+
+def genai_steps(model_dir: Path, batch: list[list[int]], new: int, adapter: Path | None = None):
+    import onnxruntime_genai as og
+
+    model = og.Model(str(model_dir))
+    adapters = None
+    if adapter is not None:
+        adapters = og.Adapters(model)
+        adapters.load(str(adapter), "a")
+    generators = []
+    for ids in batch:  # one generator per row, as OnnxServer drives them
+        params = og.GeneratorParams(model)
+        params.set_search_options(max_length=len(ids) + new, min_length=len(ids) + new, do_sample=False)
+        generator = og.Generator(model, params)
+        if adapters is not None:
+            generator.set_active_adapter(adapters, "a")
+        generators.append(generator)
+    for generator, ids in zip(generators, batch):
+        generator.append_tokens(ids)
+    for _ in range(new):
+        step = []
+        for generator in generators:
+            generator.generate_next_token()
+            step.append(int(generator.get_next_tokens()[0]))
+        yield step
+
+
+def measure(route, repeat: int) -> tuple[float, float]:
+    """Median prefill seconds and decode tokens/s over ``repeat`` runs (after one warm-up)."""
+    route()
+    firsts, rates = [], []
+    for _ in range(repeat):
+        first, rest, tokens = timed_steps(route())
+        firsts.append(first)
+        rates.append(tokens / rest)
+    return statistics.median(firsts), statistics.median(rates)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="hidden 256, 4 layers, 1 repeat")
+    parser.add_argument("--prompt", type=int, default=32)
+    parser.add_argument("--new", type=int, default=32)
+    parser.add_argument("--threads", type=int, default=None)
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    hidden, layers, repeat = (256, 4, 1) if args.quick else (512, 8, 3)
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        base, adapter_dir = build_model(root, hidden, layers)
+        from adalora_export.sources import load_adapter
+
+        adapter = load_adapter(adapter_dir)
+        print(f"building graphs for hidden {hidden}, {layers} layers ...", file=sys.stderr)
+        export_onnx(adapter, base, root / "merged", kind=OnnxKind.MERGED, with_past=True)
+        export_onnx(adapter, base, root / "inputs", kind=OnnxKind.ADAPTER_INPUTS, with_past=True)
+        for dtype in ("fp32", "int4"):
+            export_optimized(adapter, base, root / f"opt_{dtype}", dtype=dtype, tolerance=10.0)
+        merge_into_base(adapter, base, root / "merged_hf")
+        eager = load_pretrained(root / "merged_hf", dtype=torch.float32).eval()
+        servers = {name: OnnxServer(root / name, provider="cpu") for name in ("merged", "opt_fp32", "opt_int4")}
+        with_adapter = OnnxServer(root / "inputs", provider="cpu", adapter=root / "inputs" / "adapter.onnx_adapter")
+        print(f"threads: torch {torch.get_num_threads()}; prompt {args.prompt}, {args.new} new tokens, greedy\n")
+        print("| batch | route | prefill | decode tok/s | decode vs torch |")
+        print("|---|---|---|---|---|")
+        for batch_size in (1, 8):
+            batch = prompts(batch_size, args.prompt)
+            n = args.new
+            routes = {
+                "torch eager, merged": lambda: torch_steps(eager, batch, n),
+                "ours merged fp32, OnnxServer": lambda: servers["merged"].generate_batch_ids(batch, n),
+                "ours adapter-inputs + adapter, OnnxServer": lambda: with_adapter.generate_batch_ids(batch, n),
+                "ours adapter-inputs + adapter, onnxruntime-genai": lambda: genai_steps(
+                    root / "inputs", batch, n, root / "inputs" / "adapter.onnx_adapter"
+                ),
+                "builder fp32, OnnxServer": lambda: servers["opt_fp32"].generate_batch_ids(batch, n),
+                "builder fp32, onnxruntime-genai": lambda: genai_steps(root / "opt_fp32", batch, n),
+                "builder int4, OnnxServer": lambda: servers["opt_int4"].generate_batch_ids(batch, n),
+                "builder int4, onnxruntime-genai": lambda: genai_steps(root / "opt_int4", batch, n),
+            }
+            baseline = None
+            for name, route in routes.items():
+                first, rate = measure(route, repeat)
+                baseline = baseline or rate
+                print(f"| {batch_size} | {name} | {first * 1000:.1f} ms | {rate:.0f} | {rate / baseline:.2f} |")
+
+
+if __name__ == "__main__":
+    main()
