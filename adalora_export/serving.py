@@ -317,14 +317,22 @@ class OnnxServer:
     def _genai_steps(
         self, batch: list[list[int]], max_new_tokens: int, do_sample: bool, temperature: float, top_k, seed
     ) -> Iterator[list[int | None]]:
-        """``generate_batch_ids`` on onnxruntime-genai: one generator per row, stepped together."""
+        """``generate_batch_ids`` on onnxruntime-genai: one generator per prompt length, stepped together.
+
+        Rows of one length share a generator (one graph run per step for all of them). Rows are not
+        padded into one: onnxruntime-genai's left padding shifts a padded row's positions, so it would
+        not get what it gets alone (measured: other tokens on a random-weight model).
+        """
         import onnxruntime_genai as og
 
         eos = set(self.manifest.get("eos_token_ids") or [])
+        groups: dict[int, list[int]] = {}
+        for row, ids in enumerate(batch):
+            groups.setdefault(len(ids), []).append(row)
         generators = []
-        for ids in batch:
+        for length, rows in groups.items():
             params = og.GeneratorParams(self._genai)
-            search = {"max_length": len(ids) + max_new_tokens, "do_sample": do_sample}
+            search = {"batch_size": len(rows), "max_length": length + max_new_tokens, "do_sample": do_sample}
             if do_sample:
                 search["temperature"] = temperature
                 if top_k:
@@ -333,20 +341,21 @@ class OnnxServer:
                     search["random_seed"] = seed
             params.set_search_options(**search)
             generator = og.Generator(self._genai, params)
-            generator.append_tokens(ids)
-            generators.append(generator)
+            generator.append_tokens(np.asarray([batch[r] for r in rows], dtype=np.int32))
+            generators.append((rows, generator))
         done = [max_new_tokens == 0] * len(batch)
         while not all(done):
-            step: list[int | None] = []
-            for i, generator in enumerate(generators):
-                if done[i] or generator.is_done():
-                    done[i] = True
-                    step.append(None)
+            step: list[int | None] = [None] * len(batch)
+            for rows, generator in generators:
+                if all(done[r] for r in rows) or generator.is_done():
+                    for r in rows:
+                        done[r] = True
                     continue
                 generator.generate_next_token()
-                token = int(generator.get_next_tokens()[0])
-                done[i] = token in eos or generator.is_done()
-                step.append(token)
+                for r, token in zip(rows, generator.get_next_tokens()):
+                    if not done[r]:
+                        step[r] = int(token)
+                        done[r] = int(token) in eos
             if any(t is not None for t in step):
                 yield step
 

@@ -90,48 +90,40 @@ def timed_steps(steps) -> tuple[float, float, int]:
     return first, rest or float("nan"), tokens
 
 
-@torch.no_grad()
 def torch_steps(model, batch: list[list[int]], new: int):
-    ids = torch.tensor(batch)
-    out = model(input_ids=ids, use_cache=True)
-    for _ in range(new):
-        token = out.logits[:, -1].argmax(-1, keepdim=True)
-        yield token[:, 0].tolist()
-        out = model(input_ids=token, past_key_values=out.past_key_values, use_cache=True)
+    """Greedy steps in torch with transformers' KV cache."""
+    with torch.no_grad():
+        ids = torch.tensor(batch)
+        out = model(input_ids=ids, use_cache=True)
+        for _ in range(new):
+            token = out.logits[:, -1].argmax(-1, keepdim=True)
+            yield token[:, 0].tolist()
+            out = model(input_ids=token, cache=out.past_key_values, use_cache=True)
 
 
-def genai_steps(model_dir: Path, batch: list[list[int]], new: int, adapter: Path | None = None):
+def genai_steps(model, batch: list[list[int]], new: int, adapters=None):
+    """Greedy steps through onnxruntime-genai directly: one generator for the batch (the prompts have
+    one length). ``model`` is an ``og.Model`` loaded outside the timing."""
     import onnxruntime_genai as og
 
-    model = og.Model(str(model_dir))
-    adapters = None
-    if adapter is not None:
-        adapters = og.Adapters(model)
-        adapters.load(str(adapter), "a")
-    generators = []
-    for ids in batch:  # one generator per row, as OnnxServer drives them
-        params = og.GeneratorParams(model)
-        params.set_search_options(max_length=len(ids) + new, min_length=len(ids) + new, do_sample=False)
-        generator = og.Generator(model, params)
-        if adapters is not None:
-            generator.set_active_adapter(adapters, "a")
-        generators.append(generator)
-    for generator, ids in zip(generators, batch):
-        generator.append_tokens(ids)
+    params = og.GeneratorParams(model)
+    length = len(batch[0])
+    params.set_search_options(batch_size=len(batch), max_length=length + new, min_length=length + new, do_sample=False)
+    generator = og.Generator(model, params)
+    if adapters is not None:
+        generator.set_active_adapter(adapters, "a")
+    generator.append_tokens(np.asarray(batch, dtype=np.int32))
     for _ in range(new):
-        step = []
-        for generator in generators:
-            generator.generate_next_token()
-            step.append(int(generator.get_next_tokens()[0]))
-        yield step
+        generator.generate_next_token()
+        yield [int(t) for t in generator.get_next_tokens()]
 
 
-def measure(route, repeat: int) -> tuple[float, float]:
+def measure(route, batch: list[list[int]], new: int, repeat: int) -> tuple[float, float]:
     """Median prefill seconds and decode tokens/s over ``repeat`` runs (after one warm-up)."""
-    route()
+    timed_steps(route(batch, new))
     firsts, rates = [], []
     for _ in range(repeat):
-        first, rest, tokens = timed_steps(route())
+        first, rest, tokens = timed_steps(route(batch, new))
         firsts.append(first)
         rates.append(tokens / rest)
     return statistics.median(firsts), statistics.median(rates)
@@ -160,29 +152,33 @@ def main() -> None:
             export_optimized(adapter, base, root / f"opt_{dtype}", dtype=dtype, tolerance=10.0)
         merge_into_base(adapter, base, root / "merged_hf")
         eager = load_pretrained(root / "merged_hf", dtype=torch.float32).eval()
+        import onnxruntime_genai as og
+
         servers = {name: OnnxServer(root / name, provider="cpu") for name in ("merged", "opt_fp32", "opt_int4")}
         with_adapter = OnnxServer(root / "inputs", provider="cpu", adapter=root / "inputs" / "adapter.onnx_adapter")
+        genai = {name: og.Model(str(root / name)) for name in ("inputs", "opt_fp32", "opt_int4")}
+        adapters = og.Adapters(genai["inputs"])
+        adapters.load(str(root / "inputs" / "adapter.onnx_adapter"), "a")
+        routes = {
+            "torch eager, merged": lambda b, n: torch_steps(eager, b, n),
+            "ours merged fp32, OnnxServer": servers["merged"].generate_batch_ids,
+            "ours adapter-inputs + adapter, OnnxServer": with_adapter.generate_batch_ids,
+            "ours adapter-inputs + adapter, onnxruntime-genai": lambda b, n: genai_steps(
+                genai["inputs"], b, n, adapters
+            ),
+            "builder fp32, OnnxServer": servers["opt_fp32"].generate_batch_ids,
+            "builder fp32, onnxruntime-genai": lambda b, n: genai_steps(genai["opt_fp32"], b, n),
+            "builder int4, OnnxServer": servers["opt_int4"].generate_batch_ids,
+            "builder int4, onnxruntime-genai": lambda b, n: genai_steps(genai["opt_int4"], b, n),
+        }
         print(f"threads: torch {torch.get_num_threads()}; prompt {args.prompt}, {args.new} new tokens, greedy\n")
         print("| batch | route | prefill | decode tok/s | decode vs torch |")
         print("|---|---|---|---|---|")
         for batch_size in (1, 8):
             batch = prompts(batch_size, args.prompt)
-            n = args.new
-            routes = {
-                "torch eager, merged": lambda: torch_steps(eager, batch, n),
-                "ours merged fp32, OnnxServer": lambda: servers["merged"].generate_batch_ids(batch, n),
-                "ours adapter-inputs + adapter, OnnxServer": lambda: with_adapter.generate_batch_ids(batch, n),
-                "ours adapter-inputs + adapter, onnxruntime-genai": lambda: genai_steps(
-                    root / "inputs", batch, n, root / "inputs" / "adapter.onnx_adapter"
-                ),
-                "builder fp32, OnnxServer": lambda: servers["opt_fp32"].generate_batch_ids(batch, n),
-                "builder fp32, onnxruntime-genai": lambda: genai_steps(root / "opt_fp32", batch, n),
-                "builder int4, OnnxServer": lambda: servers["opt_int4"].generate_batch_ids(batch, n),
-                "builder int4, onnxruntime-genai": lambda: genai_steps(root / "opt_int4", batch, n),
-            }
             baseline = None
             for name, route in routes.items():
-                first, rate = measure(route, repeat)
+                first, rate = measure(route, batch, args.new, repeat)
                 baseline = baseline or rate
                 print(f"| {batch_size} | {name} | {first * 1000:.1f} ms | {rate:.0f} | {rate / baseline:.2f} |")
 
