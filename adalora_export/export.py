@@ -52,8 +52,8 @@ def _check_flags(given: dict[str, object], *, to: str | None, onnx: bool, graph:
     elif graph is not None:
         _refuse(given, {"--graph"}, "--onnx --graph (the graph fixes base, kind, dtype and opset)")
     elif optimized:
-        allowed = {"--base", "--merge", "--optimized", "--dtype", "--target", "--tolerance"}
-        _refuse(given, allowed, "--onnx --merge --optimized (onnxruntime-genai's builder: its graph has a KV cache)")
+        allowed = {"--base", "--merge", "--adapter-inputs", "--optimized", "--dtype", "--target", "--tolerance"}
+        _refuse(given, allowed, "--onnx --optimized (onnxruntime-genai's builder: its graph has a KV cache)")
     else:
         _refuse(
             given,
@@ -93,8 +93,8 @@ def export_adapter(
         raise UserError("choose exactly one of --to lora, --merge, --onnx [--merge | --adapter-inputs]")
     if onnx and merge and adapter_inputs:
         raise UserError("--merge and --adapter-inputs exclude each other: a merged graph has no adapter inputs")
-    if optimized and onnx and not merge:
-        raise UserError("--optimized builds a merged graph: add --merge")
+    if optimized and onnx and not (merge or adapter_inputs):
+        raise UserError("--optimized builds a merged graph or one with adapter inputs: add --merge or --adapter-inputs")
     given = {
         "--lora-layout": lora_layout,
         "--base": base,
@@ -129,7 +129,9 @@ def export_adapter(
     if not onnx:
         return _merge(adapter, base_dir, output, workers or 1, verify, overwrite, allow_pickle)
     if optimized:
-        options = dict(dtype=dtype or "fp32", target=target or "cpu", tolerance=tolerance)
+        options = dict(
+            dtype=dtype or "fp32", target=target or "cpu", tolerance=tolerance, adapter_inputs=adapter_inputs
+        )
         manifest = export_optimized(
             adapter, base_dir, output, overwrite=overwrite, allow_pickle=allow_pickle, **options
         )

@@ -186,7 +186,7 @@ class OnnxServer:
         self.onnx_dir = Path(onnx_dir)
         model_path, self.manifest = check_onnx_dir(self.onnx_dir)
         self.task = self.manifest["task"]
-        self._genai = None
+        self._genai = self._genai_adapter = None
         if self.manifest["kind"] == OnnxKind.OPTIMIZED.value:
             # The builder's graph (fused attention over a shared cache buffer) is driven by its own
             # runtime, onnxruntime-genai, which owns the cache and the search.
@@ -217,7 +217,19 @@ class OnnxServer:
         import onnxruntime as ort
 
         if path is None:
-            self._run_options = None
+            self._run_options = self._genai_adapter = None
+            return
+        if self._genai is not None and self.manifest.get("adapter_inputs"):
+            import onnxruntime_genai as og
+
+            self._genai_adapters = og.Adapters(self._genai)
+            try:
+                self._genai_adapters.load(str(path), "active")
+            except RuntimeError as exc:
+                raise UserError(
+                    f"{path} does not fit the graph in {self.onnx_dir}: {str(exc).splitlines()[0]}"
+                ) from None
+            self._genai_adapter = "active"
             return
         if self.manifest["kind"] != OnnxKind.ADAPTER_INPUTS.value:
             raise UserError(f"{self.onnx_dir} was exported without --adapter-inputs; it takes no adapter file")
@@ -341,6 +353,8 @@ class OnnxServer:
                     search["random_seed"] = seed
             params.set_search_options(**search)
             generator = og.Generator(self._genai, params)
+            if self._genai_adapter is not None:
+                generator.set_active_adapter(self._genai_adapters, self._genai_adapter)
             generator.append_tokens(np.asarray([batch[r] for r in rows], dtype=np.int32))
             generators.append((rows, generator))
         done = [max_new_tokens == 0] * len(batch)

@@ -28,7 +28,7 @@ def write_onnx_adapter(
     among the graph's adapted layers (a layer the adapter leaves out, or at rank 0, stays the base).
     """
     _, manifest = open_onnx_dir(onnx_dir)
-    if manifest.get("kind") != OnnxKind.ADAPTER_INPUTS.value:
+    if manifest.get("kind") != OnnxKind.ADAPTER_INPUTS.value and not manifest.get("adapter_inputs"):
         raise UserError(f"{onnx_dir} was exported without --adapter-inputs; adapters cannot be swapped into it")
     with atomic_output_file(output, overwrite) as tmp:
         write_adapter_file(adapter, manifest, tmp)

@@ -9,11 +9,20 @@ through onnxruntime-genai against the merged torch model in fp32: greedy agreeme
 prompts and the largest relative logit error, with a bound per dtype (int4 quantizes every matrix,
 so it gets its own). Both figures go into ``onnx_manifest.json``; over the bound nothing is written.
 Architectures the builder does not take (GPT-2, encoders, classifiers) use ``export_onnx``.
+
+With ``adapter_inputs`` the graph is the builder's optimized *base* with one LoRA branch per adapted
+layer whose weights are graph inputs, each with its own rank axis and an empty (rank 0) default:
+onnxruntime-genai's ``og.Adapters`` (and ``OnnxServer.set_adapter``) swap ``.onnx_adapter`` files
+of any per-layer ranks per request. The builder only bakes a LoRA in (``adapter_path``), so we let it
+build the branches from our uniform LoRA export and then turn their weights into inputs (int4
+builds quantize the branch weights too; those nodes go back to float MatMuls, since an adapter's
+weights come from the file at run time).
 """
 
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -27,9 +36,21 @@ from adalora_export.adapter import CompactAdapter
 from adalora_export.errors import UserError
 from adalora_export.hf import CAUSAL_LM, check_model_dir, load_pretrained
 from adalora_export.io import atomic_output_dir, check_output_path, write_json
+from adalora_export.sources import load_base
 
+from ..lora import export_lora
 from ..merge import merge_into_base
-from .layout import GENAI_CONFIG, MANIFEST, MANIFEST_FORMAT, MANIFEST_VERSION, MODEL_FILE, OnnxKind
+from .adapter_file import write_adapter_file
+from .layout import (
+    ADAPTER_FILE,
+    DATA_FILE,
+    GENAI_CONFIG,
+    MANIFEST,
+    MANIFEST_FORMAT,
+    MANIFEST_VERSION,
+    MODEL_FILE,
+    OnnxKind,
+)
 
 BUILDER_ARCHITECTURES = (
     "LlamaForCausalLM",
@@ -61,10 +82,13 @@ def export_optimized(
     dtype: str = "fp32",
     target: str = "cpu",
     tolerance: float | None = None,
+    adapter_inputs: bool = False,
     overwrite: bool = False,
     allow_pickle: bool = False,
 ) -> dict:
-    """Write base + ``adapter`` as onnxruntime-genai's optimized graph into ``output``; returns the manifest."""
+    """Write base + ``adapter`` as onnxruntime-genai's optimized graph into ``output`` (merged, or with
+    ``adapter_inputs`` the base with hot-swappable branches and the adapter as ``adapter.onnx_adapter``);
+    returns the manifest."""
     if dtype not in OPTIMIZED_DTYPES:
         raise UserError(f"--dtype {dtype} is not built by the optimizer; choose one of {', '.join(OPTIMIZED_DTYPES)}")
     if target not in TARGETS:
@@ -79,18 +103,33 @@ def export_optimized(
             f"onnxruntime-genai's builder does not take {architecture} ({adapter.task_type or 'causal_lm'}); "
             "export it with --onnx --merge instead"
         )
+    if adapter_inputs and adapter.extra_weights:
+        names = ", ".join(sorted(adapter.extra_weights))
+        raise UserError(f"the adapter trains {names} in full; the builder's graph cannot take them as inputs")
     output = check_output_path(output, overwrite)
     tolerance = OPTIMIZED_TOLERANCE[dtype] if tolerance is None else tolerance
     with tempfile.TemporaryDirectory(prefix=".adalora-optimized-", dir=output.absolute().parent) as work:
-        merged = Path(work) / "merged"
-        merge_into_base(adapter, base_dir, merged, allow_pickle=allow_pickle)
+        work = Path(work)
+        if adapter_inputs:  # the base, with a branch on every adapted layer (the uniform layout has them all)
+            source, lora = base_dir, export_lora(adapter, work / "lora", layout="uniform")
+        else:
+            source, lora = work / "merged", None
+            merge_into_base(adapter, base_dir, source, allow_pickle=allow_pickle)
         with atomic_output_dir(output, overwrite) as tmp:
-            _build(merged, tmp, dtype, target, Path(work) / "cache")
+            _build(source, tmp, dtype, target, work / "cache", lora)
             for name in ("config.json", "generation_config.json"):  # what the directory's readers expect
-                if (merged / name).is_file():
-                    shutil.copyfile(merged / name, tmp / name)
+                if (source / name).is_file():
+                    shutil.copyfile(source / name, tmp / name)
+            branches = _branches_as_inputs(tmp, adapter) if adapter_inputs else {}
+            if adapter_inputs:
+                write_adapter_file(adapter, {"branches": branches, "dtype": dtype}, tmp / ADAPTER_FILE)
+            reference = (
+                adapter.apply_to(load_base(adapter, base_dir, allow_pickle=allow_pickle))
+                if adapter_inputs
+                else load_pretrained(source, CAUSAL_LM, dtype=torch.float32).eval()
+            )
             try:
-                parity = check_optimized(tmp, merged, tolerance)
+                parity = check_optimized(tmp, reference, tolerance, tmp / ADAPTER_FILE if adapter_inputs else None)
             except RuntimeError as exc:  # onnxruntime-genai cannot run it here (no GPU for a cuda graph, say)
                 raise UserError(f"onnxruntime-genai cannot run the built graph: {str(exc).splitlines()[0]}") from None
             manifest = {
@@ -104,6 +143,10 @@ def export_optimized(
                 "exporter": "onnxruntime-genai model builder",
                 "base_model_name_or_path": str(base_dir.absolute()),
                 "rank_pattern": adapter.rank_pattern,
+                "adapter_inputs": adapter_inputs,
+                "branches": branches,
+                "adapter_file": ADAPTER_FILE if adapter_inputs else None,
+                "eos_token_ids": _eos_ids(reference),
                 "genai_config": GENAI_CONFIG,
                 "parity": parity,
             }
@@ -111,23 +154,104 @@ def export_optimized(
     return manifest
 
 
-def _build(merged: Path, output: Path, dtype: str, target: str, cache: Path) -> None:
-    """Run the builder on the merged directory (a child process: it loads the whole model itself)."""
-    argv = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-m", merged.name, "-i", str(merged)]
+def _build(source: Path, output: Path, dtype: str, target: str, cache: Path, lora: Path | None = None) -> None:
+    """Run the builder on an HF directory (a child process: it loads the whole model itself)."""
+    argv = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-m", source.name, "-i", str(source)]
     argv += ["-o", str(output), "-p", dtype, "-e", target, "-c", str(cache)]
+    if lora is not None:
+        argv += ["--extra_options", f"adapter_path={lora}"]
     proc = subprocess.run(argv, capture_output=True, text=True)
     if proc.returncode != 0 or not (output / MODEL_FILE).is_file():
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
-        raise UserError(f"onnxruntime-genai's builder failed on {merged.name}: {tail[0]}")
+        raise UserError(f"onnxruntime-genai's builder failed on {source}: {tail[0]}")
+
+
+_LORA_NODE = re.compile(r"^/(.+)/lora_([AB])/MatMul(?:_Q4)?$")
+
+
+def _branches_as_inputs(directory: Path, adapter: CompactAdapter) -> dict[str, dict]:
+    """Turn the builder's LoRA branch weights into graph inputs with empty defaults, one rank axis per
+    layer; returns the manifest's ``branches`` (our module path -> down/up input names and sizes)."""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    model = onnx.load(str(directory / MODEL_FILE))
+    graph = model.graph
+    elem = graph.output[0].type.tensor_type.elem_type  # logits: the graph's float type
+    dtype = helper.tensor_dtype_to_np_dtype(elem)
+    dims = {i.name: list(i.dims) for i in graph.initializer}
+    found: dict[str, dict] = {}
+    dropped: set[str] = set()
+    outputs: set[str] = set()  # the branches' intermediate values, whose recorded shapes fix the old rank
+    for index, node in enumerate(graph.node):
+        match = _LORA_NODE.match(node.name)
+        if not match:
+            continue
+        key, side = match.group(1).replace("/", "."), match.group(2)
+        if node.op_type == "MatMulNBits":
+            attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+            k, n = attrs["K"], attrs["N"]
+        else:
+            k, n = dims[node.input[1]]
+        name = f"{key}.lora_{side}.MatMul.weight"
+        dropped.update(node.input[1:])
+        outputs.update(node.output)
+        graph.node[index].CopyFrom(
+            helper.make_node("MatMul", [node.input[0], name], list(node.output), name=node.name.removesuffix("_Q4"))
+        )
+        found.setdefault(key, {})[side] = (name, k, n)
+    kept = [i for i in graph.initializer if i.name not in dropped]
+    del graph.initializer[:]
+    graph.initializer.extend(kept)
+    # Shapes recorded for the branch outputs name the built rank; onnxruntime would plan buffers by them.
+    infos = [v for v in graph.value_info if v.name not in outputs]
+    del graph.value_info[:]
+    graph.value_info.extend(infos)
+    ours = {path.replace(".self_attn.", ".attn."): path for path in adapter.modules}
+    branches = {}
+    for key, sides in sorted(found.items()):
+        path = ours.get(key)
+        if path is None or set(sides) != {"A", "B"}:
+            raise UserError(f"the builder made a LoRA branch {key} that matches no module of the adapter")
+        (down, in_features, _), (up, _, out_features) = sides["A"], sides["B"]
+        axis = f"rank_{key}"
+        graph.input.extend(
+            [
+                helper.make_tensor_value_info(down, elem, [in_features, axis]),
+                helper.make_tensor_value_info(up, elem, [axis, out_features]),
+            ]
+        )
+        graph.initializer.extend(
+            [
+                numpy_helper.from_array(np.zeros((in_features, 0), dtype), down),
+                numpy_helper.from_array(np.zeros((0, out_features), dtype), up),
+            ]
+        )
+        branches[path] = {"down": down, "up": up, "in": in_features, "out": out_features, "rank_axis": axis}
+    missing = sorted(set(adapter.modules) - set(branches))
+    if missing:
+        raise UserError(f"the builder made no LoRA branch for adapter module {missing[0]}")
+    (directory / DATA_FILE).unlink(missing_ok=True)
+    onnx.save(model, str(directory / MODEL_FILE), save_as_external_data=True, location=DATA_FILE)
+    return branches
+
+
+def _eos_ids(model: torch.nn.Module) -> list[int]:
+    eos = model.generation_config.eos_token_id
+    return [] if eos is None else list(eos) if isinstance(eos, list) else [eos]
 
 
 @torch.no_grad()
-def check_optimized(graph_dir: Path, merged: Path, tolerance: float) -> dict:
-    """Run the built graph through onnxruntime-genai against the merged model in torch fp32."""
+def check_optimized(graph_dir: Path, reference: torch.nn.Module, tolerance: float, adapter_file: Path | None) -> dict:
+    """Run the built graph through onnxruntime-genai (with ``adapter_file`` active, if given) against
+    ``reference``, the model it stands for, in torch fp32."""
     import onnxruntime_genai as og
 
-    reference = load_pretrained(merged, CAUSAL_LM, dtype=torch.float32).eval()
     model = og.Model(str(graph_dir))
+    adapters = None
+    if adapter_file is not None:
+        adapters = og.Adapters(model)
+        adapters.load(str(adapter_file), "adapter")
     vocab = reference.config.get_text_config().vocab_size
     rng = np.random.default_rng(0)
     worst, agree, total = 0.0, 0, 0
@@ -137,6 +261,8 @@ def check_optimized(graph_dir: Path, merged: Path, tolerance: float) -> dict:
         params = og.GeneratorParams(model)
         params.set_search_options(max_length=length + NEW_TOKENS, min_length=length + NEW_TOKENS, do_sample=False)
         generator = og.Generator(model, params)
+        if adapters is not None:
+            generator.set_active_adapter(adapters, "adapter")
         generator.append_tokens(ids)
         got = np.asarray(generator.get_output("logits"), dtype=np.float32)[0, : want.shape[0]]
         worst = max(worst, float(np.abs(got - want).max() / np.abs(want).max()))
@@ -146,7 +272,7 @@ def check_optimized(graph_dir: Path, merged: Path, tolerance: float) -> dict:
         expected = _greedy(reference, ids, NEW_TOKENS)
         agree += sum(a == b for a, b in zip(tokens, expected))
         total += len(expected)
-    del model  # frees the graph's weights before the caller renames the directory
+    del adapters, model  # frees the graph's weights before the caller renames the directory
     parity = {"max_relative_error": worst, "tolerance": tolerance, "greedy_agreement": agree / total}
     if worst > tolerance:
         raise UserError(

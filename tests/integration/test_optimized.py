@@ -107,3 +107,36 @@ def test_an_architecture_the_builder_does_not_take_is_refused(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "does not take GPT2LMHeadModel" in err and "--onnx --merge instead" in err
     assert not (tmp_path / "out").exists()
+
+
+def test_adapter_inputs_on_the_builders_graph_hot_swap_adapters_of_any_ranks(built, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    base, first, _, _ = built
+    second = make_adapter(base, tmp_path / "second", seed=1, ranks=(1, 4, 0, 2))  # other ranks per layer
+    out = tmp_path / "graph"
+    assert run_cli("export", str(first), "--onnx", "--optimized", "--adapter-inputs", "-o", str(out)) == 0
+    manifest = json.loads((out / "onnx_manifest.json").read_text())
+    assert manifest["adapter_inputs"] and manifest["parity"]["greedy_agreement"] == 1.0
+    assert len({b["rank_axis"] for b in manifest["branches"].values()}) == len(manifest["branches"])  # one axis each
+    assert (
+        run_cli("export", str(second), "--onnx", "--graph", str(out), "-o", str(tmp_path / "second.onnx_adapter")) == 0
+    )
+
+    server = OnnxServer(out)
+    ids = server.tokenizer(PROMPTS[0])["input_ids"]
+    with torch.no_grad():
+        plain = greedy(AutoModelForCausalLM.from_pretrained(base).eval(), ids, 6)
+    wants = {}
+    for name, directory in (("first", first), ("second", second)):
+        adapter = load_adapter(directory)
+        wants[name] = greedy(adapter.apply_to(load_base(adapter, base)), ids, 6)
+    assert len({tuple(plain), tuple(wants["first"]), tuple(wants["second"])}) == 3  # the three differ
+    decode = server.tokenizer.decode
+    assert server.generate(PROMPTS[0], 6) == decode(plain, skip_special_tokens=True)  # no adapter: the base
+    server.set_adapter(out / "adapter.onnx_adapter")
+    assert server.generate(PROMPTS[0], 6) == decode(wants["first"], skip_special_tokens=True)
+    server.set_adapter(tmp_path / "second.onnx_adapter")  # swapped on the same loaded graph
+    assert server.generate(PROMPTS[0], 6) == decode(wants["second"], skip_special_tokens=True)
+    server.set_adapter(None)
+    assert server.generate(PROMPTS[0], 6) == decode(plain, skip_special_tokens=True)
