@@ -11,7 +11,8 @@ heterogeneous per-layer ranks (zeros included), greedy decoding of ``--new`` tok
 - ours adapter-inputs fp32 with the adapter active (``--adapter-inputs --with-past``): through
   ``OnnxServer`` and through onnxruntime-genai (``og.Adapters``);
 - the builder's optimized fp32 and int4 graphs (``--onnx --merge --optimized``): through
-  ``OnnxServer`` (which drives onnxruntime-genai) and through onnxruntime-genai directly.
+  ``OnnxServer`` (which drives onnxruntime-genai) and through onnxruntime-genai directly;
+- the builder's base with adapter inputs and the adapter active (``--onnx --optimized --adapter-inputs``).
 
 Reported: prefill latency (prompt -> first token) and decode tokens/s (the remaining tokens of all
 rows over their time), and decode ratios against torch eager, in one run. Read the speeds only
@@ -150,12 +151,17 @@ def main() -> None:
         export_onnx(adapter, base, root / "inputs", kind=OnnxKind.ADAPTER_INPUTS, with_past=True)
         for dtype in ("fp32", "int4"):
             export_optimized(adapter, base, root / f"opt_{dtype}", dtype=dtype, tolerance=10.0)
+            export_optimized(adapter, base, root / f"optai_{dtype}", dtype=dtype, tolerance=10.0, adapter_inputs=True)
         merge_into_base(adapter, base, root / "merged_hf")
         eager = load_pretrained(root / "merged_hf", dtype=torch.float32).eval()
         import onnxruntime_genai as og
 
         servers = {name: OnnxServer(root / name, provider="cpu") for name in ("merged", "opt_fp32", "opt_int4")}
         with_adapter = OnnxServer(root / "inputs", provider="cpu", adapter=root / "inputs" / "adapter.onnx_adapter")
+        for dtype in ("fp32", "int4"):
+            servers[f"optai_{dtype}"] = OnnxServer(
+                root / f"optai_{dtype}", adapter=root / f"optai_{dtype}" / "adapter.onnx_adapter"
+            )
         genai = {name: og.Model(str(root / name)) for name in ("inputs", "opt_fp32", "opt_int4")}
         adapters = og.Adapters(genai["inputs"])
         adapters.load(str(root / "inputs" / "adapter.onnx_adapter"), "a")
@@ -168,8 +174,10 @@ def main() -> None:
             ),
             "builder fp32, OnnxServer": servers["opt_fp32"].generate_batch_ids,
             "builder fp32, onnxruntime-genai": lambda b, n: genai_steps(genai["opt_fp32"], b, n),
+            "builder fp32 + adapter inputs, adapter active, OnnxServer": servers["optai_fp32"].generate_batch_ids,
             "builder int4, OnnxServer": servers["opt_int4"].generate_batch_ids,
             "builder int4, onnxruntime-genai": lambda b, n: genai_steps(genai["opt_int4"], b, n),
+            "builder int4 + adapter inputs, adapter active, OnnxServer": servers["optai_int4"].generate_batch_ids,
         }
         print(f"threads: torch {torch.get_num_threads()}; prompt {args.prompt}, {args.new} new tokens, greedy\n")
         print("| batch | route | prefill | decode tok/s | decode vs torch |")
