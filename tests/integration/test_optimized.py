@@ -81,12 +81,12 @@ def test_int4_is_held_to_its_own_bound(built, capsys):
 @pytest.mark.parametrize(
     "flags, message",
     [
-        (["--onnx", "--optimized"], "--optimized builds a merged graph: add --merge"),
+        (["--onnx", "--optimized"], "add --merge or --adapter-inputs"),
         (["--onnx", "--merge", "--optimized", "--dtype", "fp16"], "fp16 graphs for --target cuda only"),
         (["--onnx", "--merge", "--target", "cuda"], "--target does not apply to --onnx"),
         (
             ["--onnx", "--merge", "--optimized", "--with-past"],
-            "--with-past does not apply to --onnx --merge --optimized",
+            "--with-past does not apply to --onnx --optimized",
         ),
     ],
 )
