@@ -200,10 +200,10 @@ def run_peft(method: str, lr: float, seed: int, epochs: int, files: dict) -> tup
         final = 0
     elif method == "peft-adalora":
         pattern = model.peft_config["default"].rank_pattern or {}
-        shapes = {n: m for n, m in model.named_modules() if hasattr(m, "lora_E")}
+        shapes = {n.removeprefix("base_model.model."): m for n, m in model.named_modules() if hasattr(m, "lora_E")}
         final = 0
         for key, keep in pattern.items():
-            module = shapes[key.removesuffix(".lora_E").removesuffix(".default")]
+            module = shapes[key.removesuffix(".default").removesuffix(".lora_E")]
             layer = module.base_layer
             final += int(sum(keep)) * (layer.in_features + layer.out_features + 1)
     else:
