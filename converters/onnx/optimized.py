@@ -31,6 +31,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from adalora_export.adapter import CompactAdapter
 from adalora_export.errors import UserError
@@ -108,15 +109,20 @@ def export_optimized(
         raise UserError(f"the adapter trains {names} in full; the builder's graph cannot take them as inputs")
     output = check_output_path(output, overwrite)
     tolerance = OPTIMIZED_TOLERANCE[dtype] if tolerance is None else tolerance
-    with tempfile.TemporaryDirectory(prefix=".adalora-optimized-", dir=output.absolute().parent) as work:
+    stages = tqdm(total=4, desc=f"ONNX export (optimized, {dtype})", unit="stage")
+    with stages, tempfile.TemporaryDirectory(prefix=".adalora-optimized-", dir=output.absolute().parent) as work:
         work = Path(work)
+        stages.set_postfix_str("merging" if not adapter_inputs else "LoRA branches")
         if adapter_inputs:  # the base, with a branch on every adapted layer (the uniform layout has them all)
             source, lora = base_dir, export_lora(adapter, work / "lora", layout="uniform")
         else:
             source, lora = work / "merged", None
             merge_into_base(adapter, base_dir, source, allow_pickle=allow_pickle)
+        stages.update()
         with atomic_output_dir(output, overwrite) as tmp:
+            stages.set_postfix_str("onnxruntime-genai builder")
             _build(source, tmp, dtype, target, work / "cache", lora)
+            stages.update()
             for name in ("config.json", "generation_config.json"):  # what the directory's readers expect
                 if (source / name).is_file():
                     shutil.copyfile(source / name, tmp / name)
@@ -128,6 +134,8 @@ def export_optimized(
                 if adapter_inputs
                 else load_pretrained(source, CAUSAL_LM, dtype=torch.float32).eval()
             )
+            stages.set_postfix_str("onnxruntime-genai check")
+            stages.update()
             try:
                 parity = check_optimized(tmp, reference, tolerance, tmp / ADAPTER_FILE if adapter_inputs else None)
             except RuntimeError as exc:  # onnxruntime-genai cannot run it here (no GPU for a cuda graph, say)
@@ -151,6 +159,7 @@ def export_optimized(
                 "parity": parity,
             }
             write_json(tmp / MANIFEST, manifest)
+            stages.update()
     return manifest
 
 
