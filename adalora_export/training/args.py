@@ -63,6 +63,7 @@ class TrainArgs:
     epochs: int | None = option(None, "Passes over the data (default 1).")
     max_steps: int | None = option(None, "Optimizer steps (instead of --epochs).")
     lr: float = option(5e-4, "Peak learning rate (AdamW).")
+    head_lr: float | None = option(None, "Peak learning rate of a classifier's fresh head (default: --lr).")
     batch_size: int = option(8, "Examples per micro-batch and rank.")
     grad_accum: int = option(1, "Micro-batches per optimizer step.")
     max_length: int = option(
@@ -151,6 +152,8 @@ class TrainArgs:
             raise UserError("give --epochs or --max_steps, not both")
         if not self.lr > 0 or not 0 <= self.warmup_ratio < 1 or self.weight_decay < 0 or self.max_grad_norm < 0:
             raise UserError("need --lr > 0, 0 <= --warmup_ratio < 1, --weight_decay >= 0 and --max_grad_norm >= 0")
+        if self.head_lr is not None and not self.head_lr > 0:
+            raise UserError(f"--head_lr must be > 0, got {self.head_lr}")
         if self.save_steps < 0 or self.keep_checkpoints < 0:
             raise UserError("--save_steps and --keep_checkpoints must be >= 0")
         self.adalora_config()  # the AdaLoRA options, with the config's own messages

@@ -74,7 +74,7 @@ def prepare_run(args: TrainArgs, run_dir: Path, dist: Distributed, resume: bool)
     allocator = RankAllocator(net, config, total_step)
     latest = latest_checkpoint(run_dir) if resume else None
     checkpoint = restore_adapter(latest, net, allocator, train_set) if latest else None
-    optimizer = build_optimizer(net, name_groups, args.lr, args.weight_decay)  # over the restored parameters
+    optimizer = build_optimizer(net, name_groups, args.lr, args.weight_decay, args.head_lr)  # restored parameters
     if checkpoint:
         restore_optimizer(checkpoint, optimizer, param_names, dist.rank)
     stepper = Stepper(net, optimizer, allocator, task, args.max_grad_norm, dist, amp_dtype)
@@ -197,18 +197,31 @@ def load_model(
 
 
 def optimizer_param_names(model: nn.Module) -> list[list[str]]:
-    """The trainable parameters by name, in two groups: with weight decay (matrices) and without (biases,
-    norms, E). Taken once before any shrink; checkpoints name the optimizer state by these names."""
+    """The trainable parameters by name, in four groups: the adapters' with weight decay (matrices) and
+    without (E), then a fresh head's (fully trained weights) with and without (biases). Taken once
+    before any shrink; checkpoints name the optimizer state by these names."""
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    decay = [n for n, p in named if p.dim() >= 2 and not n.endswith("lora_E")]
-    return [decay, [n for n, _ in named if n not in set(decay)]]
+    decays = {n for n, p in named if p.dim() >= 2 and not n.endswith("lora_E")}
+    adapter = {n for n, _ in named if n.rpartition(".")[2] in ("lora_A", "lora_E", "lora_B")}
+    return [
+        [n for n, _ in named if n in adapter and n in decays],
+        [n for n, _ in named if n in adapter and n not in decays],
+        [n for n, _ in named if n not in adapter and n in decays],
+        [n for n, _ in named if n not in adapter and n not in decays],
+    ]
 
 
-def build_optimizer(model: nn.Module, groups: list[list[str]], lr: float, weight_decay: float) -> torch.optim.AdamW:
-    """AdamW over the model's current parameters of those names."""
+def build_optimizer(
+    model: nn.Module, groups: list[list[str]], lr: float, weight_decay: float, head_lr: float | None = None
+) -> torch.optim.AdamW:
+    """AdamW over the model's current parameters of those names. Each group's ``lr_scale`` is what the
+    step multiplies the scheduled rate by: 1 for the adapters, ``head_lr / lr`` for a fresh head."""
     params = dict(model.named_parameters())
-    decays = (weight_decay, 0.0)
-    param_groups = [{"params": [params[n] for n in g], "weight_decay": d} for g, d in zip(groups, decays) if g]
+    head_scale = (head_lr / lr) if head_lr else 1.0
+    settings = ((weight_decay, 1.0), (0.0, 1.0), (weight_decay, head_scale), (0.0, head_scale))
+    param_groups = [
+        {"params": [params[n] for n in g], "weight_decay": d, "lr_scale": s} for g, (d, s) in zip(groups, settings) if g
+    ]
     return torch.optim.AdamW(param_groups, lr=lr)
 
 

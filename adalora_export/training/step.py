@@ -129,7 +129,7 @@ class Stepper:
     def step(self, step: int, micro_batches: list[dict[str, torch.Tensor]], lr: float) -> StepResult:
         """One optimizer step (1-based ``step``) over this rank's micro-batches at learning rate ``lr``."""
         for group in self.optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get("lr_scale", 1.0)  # a fresh head may have its own rate
         items = self.dist.sum(torch.tensor(float(sum(count_items(b, self.task) for b in micro_batches))))
         loss_sum = torch.zeros((), device=self.device)
         for i, batch in enumerate(micro_batches):

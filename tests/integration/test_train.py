@@ -285,3 +285,22 @@ def test_recommended_preset_refuses_an_explicit_schedule(tmp_path, capsys, llama
     assert cli_exit(argv + ["--adalora_preset", "recommended", "--adalora_tinit", "3"]) == 2
     assert "sets tinit and tfinal itself" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_head_lr_trains_a_fresh_head_at_its_own_rate(tmp_path):
+    """--head_lr: the head moves at its rate while the adapters keep theirs (here: almost still)."""
+    base = write_toy_model(tmp_path / "bert", WORDS, arch="bert", hidden=32, num_labels=2)
+    rng = random.Random(0)
+    rows = [{"text": " ".join(rng.choices(WORDS, k=5)), "label": rng.choice(["a", "b"])} for _ in range(32)]
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    common = dict(max_steps=3, batch_size=8, lr=1e-9, warmup_ratio=0.0, save_steps=0, progress=False)
+    common.update(adalora_init_r=2, adalora_target_r=2, adalora_tinit=1, adalora_tfinal=1)  # no pruning: same ranks
+    with_head = load_adapter(train(tmp_path / "a", base, data, head_lr=1e-2, **common).run_dir / "adapter")
+    same = load_adapter(train(tmp_path / "b", base, data, **common).run_dir / "adapter")
+    moved = max((with_head.extra_weights[n] - same.extra_weights[n]).abs().max() for n in same.extra_weights)
+    assert moved > 1e-4  # the head trained at 1e-2 in one run, 1e-9 in the other
+    for path, module in same.modules.items():  # the adapters trained at 1e-9 in both
+        torch.testing.assert_close(with_head.modules[path].B, module.B, atol=1e-6, rtol=0)
+    with pytest.raises(UserError, match="--head_lr must be > 0"):
+        train(tmp_path / "c", base, data, head_lr=0.0, **common)
