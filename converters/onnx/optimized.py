@@ -110,7 +110,9 @@ def export_optimized(
     output = check_output_path(output, overwrite)
     tolerance = OPTIMIZED_TOLERANCE[dtype] if tolerance is None else tolerance
     stages = tqdm(total=4, desc=f"ONNX export (optimized, {dtype})", unit="stage")
-    with stages, tempfile.TemporaryDirectory(prefix=".adalora-optimized-", dir=output.absolute().parent) as work:
+    # Named like an atomic output's temporary, so a later export of the same name clears it after a kill.
+    scratch = tempfile.TemporaryDirectory(prefix=f".{output.name}.tmp-{os.getpid()}-", dir=output.absolute().parent)
+    with stages, scratch as work:
         work = Path(work)
         stages.set_postfix_str("merging" if not adapter_inputs else "LoRA branches")
         if adapter_inputs:  # the base, with a branch on every adapted layer (the uniform layout has them all)
