@@ -21,7 +21,14 @@ from pathlib import Path
 
 import numpy as np
 
-from .converters.onnx.layout import ADAPTER_FILE, MANIFEST, MODEL_FILE, OnnxKind, open_onnx_dir
+from .converters.onnx.layout import (
+    ADAPTER_FILE,
+    MANIFEST,
+    MODEL_FILE,
+    OnnxKind,
+    import_onnxruntime_genai,
+    open_onnx_dir,
+)
 from .errors import UserError
 
 __all__ = [
@@ -190,8 +197,7 @@ class OnnxServer:
         if self.manifest["kind"] == OnnxKind.OPTIMIZED.value:
             # The builder's graph (fused attention over a shared cache buffer) is driven by its own
             # runtime, onnxruntime-genai, which owns the cache and the search.
-            import onnxruntime_genai as og
-
+            og = import_onnxruntime_genai()
             self._genai = og.Model(str(self.onnx_dir))
             self.session, self._input_types = None, {}
         else:
@@ -220,8 +226,7 @@ class OnnxServer:
             self._run_options = self._genai_adapter = None
             return
         if self._genai is not None and self.manifest.get("adapter_inputs"):
-            import onnxruntime_genai as og
-
+            og = import_onnxruntime_genai()
             self._genai_adapters = og.Adapters(self._genai)
             try:
                 self._genai_adapters.load(str(path), "active")
@@ -335,8 +340,7 @@ class OnnxServer:
         padded into one: onnxruntime-genai's left padding shifts a padded row's positions, so it would
         not get what it gets alone (measured: other tokens on a random-weight model).
         """
-        import onnxruntime_genai as og
-
+        og = import_onnxruntime_genai()
         eos = set(self.manifest.get("eos_token_ids") or [])
         groups: dict[int, list[int]] = {}
         for row, ids in enumerate(batch):

@@ -169,9 +169,14 @@ def _check_options(kind: OnnxKind | str, dtype: str, opset: int | None, toleranc
         raise UserError(f"unknown dtype {dtype!r}: expected fp32 or fp16")
     if opset is not None and not MIN_OPSET <= opset <= MAX_OPSET:
         raise UserError(f"opset {opset} is not supported: use {MIN_OPSET}..{MAX_OPSET}")
+    check_tolerance(tolerance)
+    return kind
+
+
+def check_tolerance(tolerance: float | None) -> None:
+    """A UserError unless ``tolerance`` is None (the dtype's default) or a positive finite number."""
     if tolerance is not None and not (math.isfinite(tolerance) and tolerance > 0):
         raise UserError(f"tolerance must be a positive number, got {tolerance}")
-    return kind
 
 
 def _task(adapter: CompactAdapter, config: dict) -> str:
@@ -222,7 +227,7 @@ def _manifest(
         rank_pattern=adapter.rank_pattern,
         branches=traced.prepared.branches,
         extra_inputs={n: list(t.shape) for n, t in base_extras.items()} if adapter_inputs else {},
-        eos_token_ids=_eos_ids(model),
+        eos_token_ids=eos_token_ids(model),
         labels={str(k): v for k, v in (model.config.id2label or {}).items()} if settings.task == SEQ_CLS else {},
         max_length=adapter.task_info.max_length,
         pad_token_id=model.config.pad_token_id,
@@ -253,7 +258,8 @@ def _save(
     return model_path
 
 
-def _eos_ids(model: nn.Module) -> list[int]:
+def eos_token_ids(model: nn.Module) -> list[int]:
+    """The model's end-of-sequence ids (its generation config's, else its config's)."""
     config = getattr(model, "generation_config", None) or model.config
     eos = getattr(config, "eos_token_id", None)
     if eos is None:

@@ -145,6 +145,18 @@ def genai_config(manifest: dict, config: dict) -> dict:
     return {"model": model, "search": search}
 
 
+def import_onnxruntime_genai():
+    """The ``onnxruntime_genai`` module, or a UserError saying how to install it (optimized graphs
+    are built and run by it; ``run.sh`` installs it)."""
+    try:
+        import onnxruntime_genai
+    except ImportError:
+        raise UserError(
+            "onnxruntime-genai is not installed: pip install --no-deps onnxruntime-genai (see README)"
+        ) from None
+    return onnxruntime_genai
+
+
 def open_onnx_dir(onnx_dir: str | os.PathLike) -> tuple[Path, dict]:
     """(path of ``model.onnx``, manifest) of an exported directory; a UserError when either is missing.
 

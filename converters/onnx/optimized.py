@@ -42,6 +42,7 @@ from adalora_export.sources import load_base
 from ..lora import export_lora
 from ..merge import merge_into_base
 from .adapter_file import write_adapter_file
+from .export import check_tolerance, eos_token_ids
 from .layout import (
     ADAPTER_FILE,
     DATA_FILE,
@@ -51,6 +52,7 @@ from .layout import (
     MANIFEST_VERSION,
     MODEL_FILE,
     OnnxKind,
+    import_onnxruntime_genai,
 )
 
 BUILDER_ARCHITECTURES = (
@@ -94,6 +96,8 @@ def export_optimized(
         raise UserError(f"--dtype {dtype} is not built by the optimizer; choose one of {', '.join(OPTIMIZED_DTYPES)}")
     if target not in TARGETS:
         raise UserError(f"--target must be one of {', '.join(TARGETS)}, got {target!r}")
+    check_tolerance(tolerance)
+    import_onnxruntime_genai()  # before any work: it builds and checks the graph
     if dtype == "fp16" and target == "cpu":
         raise UserError("the builder makes fp16 graphs for --target cuda only; on the CPU use fp32 or int4")
     base_dir = Path(base_dir)
@@ -156,7 +160,7 @@ def export_optimized(
                 "adapter_inputs": adapter_inputs,
                 "branches": branches,
                 "adapter_file": ADAPTER_FILE if adapter_inputs else None,
-                "eos_token_ids": _eos_ids(reference),
+                "eos_token_ids": eos_token_ids(reference),
                 "genai_config": GENAI_CONFIG,
                 "parity": parity,
             }
@@ -247,17 +251,11 @@ def _branches_as_inputs(directory: Path, adapter: CompactAdapter) -> dict[str, d
     return branches
 
 
-def _eos_ids(model: torch.nn.Module) -> list[int]:
-    eos = model.generation_config.eos_token_id
-    return [] if eos is None else list(eos) if isinstance(eos, list) else [eos]
-
-
 @torch.no_grad()
 def check_optimized(graph_dir: Path, reference: torch.nn.Module, tolerance: float, adapter_file: Path | None) -> dict:
     """Run the built graph through onnxruntime-genai (with ``adapter_file`` active, if given) against
     ``reference``, the model it stands for, in torch fp32."""
-    import onnxruntime_genai as og
-
+    og = import_onnxruntime_genai()
     model = og.Model(str(graph_dir))
     adapters = None
     if adapter_file is not None:
@@ -297,8 +295,7 @@ def _greedy(model: torch.nn.Module, ids: list[int], new: int) -> list[int]:
     """Plain argmax decoding in torch, no logits processors (``generate`` applies the generation
     config's, which onnxruntime-genai's search options do not mirror); EOS is suppressed as
     onnxruntime-genai's ``min_length`` does."""
-    eos = model.generation_config.eos_token_id
-    eos = set(eos if isinstance(eos, list) else [] if eos is None else [eos])
+    eos = set(eos_token_ids(model))
     sequence, out = list(ids), []
     for _ in range(new):
         logits = model(torch.tensor([sequence])).logits[0, -1]

@@ -84,6 +84,7 @@ def test_int4_is_held_to_its_own_bound(built, capsys):
         (["--onnx", "--optimized"], "add --merge or --adapter-inputs"),
         (["--onnx", "--merge", "--optimized", "--dtype", "fp16"], "fp16 graphs for --target cuda only"),
         (["--onnx", "--merge", "--target", "cuda"], "--target does not apply to --onnx"),
+        (["--onnx", "--merge", "--optimized", "--tolerance", "-1"], "tolerance must be a positive number, got -1"),
         (
             ["--onnx", "--merge", "--optimized", "--with-past"],
             "--with-past does not apply to --onnx --optimized",
