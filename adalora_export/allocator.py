@@ -21,7 +21,7 @@ from .model import adapted_layers
 
 @dataclass
 class Allocation:
-    """What one call of ``update_and_allocate`` did."""
+    """What one call of ``update_and_allocate`` did (``budget`` in the config's ``budget_unit``)."""
 
     budget: int
     masked: bool
@@ -37,8 +37,16 @@ class RankAllocator:
         self.config = config
         self.total_step = total_step
         self.layers: list[tuple[str, SVDLinear]] = list(adapted_layers(model))
-        self.init_budget = sum(layer.init_r for _, layer in self.layers)
-        self.target_budget = config.target_r * len(self.layers)
+        # What one triplet of each layer costs in the budget's unit: 1, or its in + out + 1 parameters.
+        self.triplet_costs = [
+            1 if config.budget_unit == "triplets" else layer.in_features + layer.out_features + 1
+            for _, layer in self.layers
+        ]
+        self.init_budget = sum(layer.init_r * cost for (_, layer), cost in zip(self.layers, self.triplet_costs))
+        if config.budget_unit == "triplets":
+            self.target_budget = config.target_r * len(self.layers)
+        else:  # LoRA's size at rank target_r: r (in + out) per matrix, so ours (with E) is never larger
+            self.target_budget = config.target_r * sum(cost - 1 for cost in self.triplet_costs)
         self.rank_pattern: dict[str, list[bool]] | None = None  # set at the final phase, then frozen
         self.current_mask: dict[str, list[bool]] | None = None  # the mask in force (None: all kept)
         self.final_importance: dict[str, list[float]] | None = None  # scores of the kept triplets, at the final mask
@@ -102,18 +110,28 @@ class RankAllocator:
     # ------------------------------------------------------------------ masking
     @torch.no_grad()
     def mask_to_budget(self, budget: int) -> dict[str, torch.Tensor]:
-        """Zero E of exactly ``init_budget - budget`` lowest-scoring triplets over all layers together.
+        """Zero E of the lowest-scoring triplets over all layers together, keeping the best that fit ``budget``.
 
-        Ties go to the earlier triplet in model order (a stable sort), so the choice is deterministic.
+        In triplets that masks exactly ``init_budget - budget`` of them (PEFT). In parameters the
+        triplets are kept best first while their summed cost fits, so a large matrix's triplet must
+        outscore the small ones it displaces only by rank order, and the total never exceeds the
+        budget. Ties go to the later triplet in model order (a stable sort), so the choice is
+        deterministic.
         """
         scores = self.triplet_scores()
         flat = torch.cat(scores)
-        keep = torch.ones_like(flat, dtype=torch.bool)
-        n_mask = self.init_budget - budget
-        if n_mask > 0:
-            order = torch.sort(flat, stable=True).indices
-            keep[order[:n_mask]] = False
         sizes = [s.numel() for s in scores]
+        order = torch.sort(flat, stable=True).indices
+        if self.config.budget_unit == "triplets":
+            keep = torch.ones_like(flat, dtype=torch.bool)
+            n_mask = self.init_budget - budget
+            if n_mask > 0:
+                keep[order[:n_mask]] = False
+        else:
+            costs = torch.cat([torch.full((n,), c, device=flat.device) for n, c in zip(sizes, self.triplet_costs)])
+            best_first = order.flip(0)
+            keep = torch.zeros_like(flat, dtype=torch.bool)
+            keep[best_first[costs[best_first].cumsum(0) <= budget]] = True
         masks = {}
         for (name, layer), layer_keep in zip(self.layers, keep.split(sizes)):
             layer.lora_E.masked_fill_(~layer_keep.view(-1, 1), 0.0)

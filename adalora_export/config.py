@@ -11,6 +11,7 @@ from .errors import UserError
 
 TRAIN_TYPES = ("adalora",)  # a fixed-rank baseline is adalora with target_r == init_r
 PRESETS = ("paper", "recommended")
+BUDGET_UNITS = ("triplets", "params")
 
 
 def recommended_schedule(total_step: int) -> dict[str, Any]:
@@ -50,6 +51,10 @@ class AdaLoraConfig:
     train_type: str = "adalora"
     # Options beyond the paper (None = the paper's behaviour); each is measured in BENCHMARKS.md.
     final_orth_reg_weight: float | None = None  # orthogonal weight once the rank pattern is frozen
+    # What the budget counts. "triplets" (the paper, PEFT): target_r x matrices triplets, whatever
+    # their shapes. "params": the parameters LoRA at rank target_r has on the same matrices, so the
+    # final adapter is never larger than that LoRA (docs/design.md, "Budget in parameters").
+    budget_unit: str = "triplets"
 
     def __post_init__(self) -> None:
         self.validate()
@@ -75,6 +80,8 @@ class AdaLoraConfig:
             raise UserError(f"adalora_orth_reg_weight must be >= 0, got {self.orth_reg_weight}")
         if self.final_orth_reg_weight is not None and self.final_orth_reg_weight < 0:
             raise UserError(f"adalora_final_orth_reg_weight must be >= 0, got {self.final_orth_reg_weight}")
+        if self.budget_unit not in BUDGET_UNITS:
+            raise UserError(f"adalora_budget_unit must be one of {', '.join(BUDGET_UNITS)}, got {self.budget_unit!r}")
         if self.tinit < 0 or self.tfinal < 0:
             raise UserError(f"adalora_tinit and adalora_tfinal must be >= 0, got {self.tinit} and {self.tfinal}")
         if not isinstance(self.deltaT, int) or self.deltaT < 1:

@@ -119,7 +119,7 @@ def _run_demo(output: str | None, steps: int | None, overwrite: bool) -> dict:
     )
     print(
         f"pruned adapter {adapter_dir}: {adapter.num_parameters():,} parameters, "
-        f"{sum(result.ranks.values())} triplets (budget {result.budget}); ranks per layer:"
+        f"{sum(result.ranks.values())} triplets (budget {result.budget:,} {result.budget_unit}); ranks per layer:"
     )
     for path, rank in result.ranks.items():
         print(f"  {path:40s} {rank:2d} {'#' * rank}")

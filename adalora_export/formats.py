@@ -42,12 +42,17 @@ PREFIX = "base_model.model."  # PEFT's key prefix: PeftModel -> LoraModel -> the
 def adapter_summary(adapter: CompactAdapter) -> dict[str, Any]:
     """Ranks, parameters and budget of an adapter: the manifest's body and ``inspect --json``.
 
-    ``share`` is a module's rank over the final budget (target_r x matrices); a finished adapter's
-    shares sum to 1, a checkpoint taken during the budget phase is still above it.
+    ``share`` is a module's part of the final budget, in the config's ``budget_unit``: its rank over
+    target_r x matrices, or its parameters over LoRA's at rank target_r. A finished adapter's shares
+    sum to at most 1 (exactly 1 in triplets); a checkpoint taken during the budget phase is above it.
     """
     cfg = adapter.config
     n = len(adapter.modules)
-    budget = cfg.target_r * n
+    in_out = [m.in_features + m.out_features for m in adapter.modules.values()]
+    if cfg.budget_unit == "triplets":
+        budget, initial_budget = cfg.target_r * n, cfg.init_r * n
+    else:
+        budget, initial_budget = cfg.target_r * sum(in_out), cfg.init_r * (sum(in_out) + n)
     modules = []
     for path, m in adapter.modules.items():
         entry = {
@@ -57,7 +62,7 @@ def adapter_summary(adapter: CompactAdapter) -> dict[str, Any]:
             "out_features": m.out_features,
             "fan_in_fan_out": m.fan_in_fan_out,
             "parameters": m.num_parameters(),
-            "share": m.rank / budget if budget else None,
+            "share": (m.rank if cfg.budget_unit == "triplets" else m.num_parameters()) / budget if budget else None,
         }
         if m.importance is not None:
             entry["importance"] = [float(x) for x in m.importance.view(-1)]
@@ -66,8 +71,9 @@ def adapter_summary(adapter: CompactAdapter) -> dict[str, Any]:
         "init_r": cfg.init_r,
         "target_r": cfg.target_r,
         "matrices": n,
+        "budget_unit": cfg.budget_unit,
         "budget": budget,
-        "initial_budget": cfg.init_r * n,
+        "initial_budget": initial_budget,
         "total_rank": sum(m.rank for m in adapter.modules.values()),
         "total_parameters": adapter.num_parameters(),
         "initial_parameters": sum(cfg.init_r * (m.in_features + m.out_features + 1) for m in adapter.modules.values()),

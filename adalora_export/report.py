@@ -44,12 +44,8 @@ def format_table(adapter: CompactAdapter) -> str:
         share = "-" if m["share"] is None else f"{100 * m['share']:.1f}%"
         shape = f"{m['in_features']} x {m['out_features']}"
         lines.append(f"{m['module']:<{width}}  {m['rank']:>4}  {shape:>11}  {m['parameters']:>10,}  {share:>6}")
-    n = s["matrices"]
     lines.append("")
-    lines.append(
-        f"{n} matrices: total rank {s['total_rank']} against budget {s['budget']} (target_r {s['target_r']} x {n}); "
-        f"init_r {s['init_r']} x {n} = {s['initial_budget']}"
-    )
+    lines.append(budget_line(s))
     share = s["total_parameters"] / s["initial_parameters"] if s["initial_parameters"] else 0.0
     lines.append(
         f"parameters: {s['total_parameters']:,} ({100 * share:.1f}% of {s['initial_parameters']:,} at init_r); "
@@ -60,6 +56,21 @@ def format_table(adapter: CompactAdapter) -> str:
         extra = ", ".join(f"{name} {'x'.join(map(str, shape))}" for name, shape in s["extra_weights"].items())
         lines.append(f"extra trained weights: {extra}")
     return "\n".join(lines)
+
+
+def budget_line(s: dict) -> str:
+    """The adapter's total against its budget, in the budget's unit (``adapter_summary``'s dict)."""
+    n = s["matrices"]
+    if s["budget_unit"] == "triplets":
+        return (
+            f"{n} matrices: total rank {s['total_rank']} against budget {s['budget']} "
+            f"(target_r {s['target_r']} x {n}); init_r {s['init_r']} x {n} = {s['initial_budget']}"
+        )
+    return (
+        f"{n} matrices: total rank {s['total_rank']}, {s['total_parameters']:,} parameters against a budget of "
+        f"{s['budget']:,} (LoRA at r={s['target_r']} on these matrices); {s['initial_budget']:,} at init_r "
+        f"{s['init_r']}"
+    )
 
 
 def lora_comparison(parameters: int, lora: dict[int, int]) -> str:
@@ -142,11 +153,12 @@ def plot_rank_heatmap(adapter: CompactAdapter, png_path: str | os.PathLike, over
     ax.set_xlabel("module type")
     ax.set_ylabel("layer")
     s = adapter_summary(adapter)
-    ax.set_title(
-        f"AdaLoRA ranks: total {s['total_rank']} of budget {s['budget']} "
-        f"(target_r {s['target_r']} x {s['matrices']}), init_r {init_r}",
-        fontsize=10,
+    budget = (
+        f"budget {s['budget']} (target_r {s['target_r']} x {s['matrices']})"
+        if s["budget_unit"] == "triplets"
+        else f"{s['total_parameters']:,} of {s['budget']:,} parameters (LoRA r={s['target_r']})"
     )
+    ax.set_title(f"AdaLoRA ranks: total {s['total_rank']}, {budget}, init_r {init_r}", fontsize=10)
     fig.colorbar(image, ax=ax, label="rank", ticks=MaxNLocator(integer=True))
     fig.tight_layout()
     with atomic_output_file(png_path, overwrite=overwrite) as tmp:

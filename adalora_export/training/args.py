@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..config import PRESETS, TRAIN_TYPES, AdaLoraConfig, recommended_schedule
+from ..config import BUDGET_UNITS, PRESETS, TRAIN_TYPES, AdaLoraConfig, recommended_schedule
 from ..errors import UserError
 from ..hf import CAUSAL_LM, SEQ_CLS
 from ..io import read_json
@@ -99,6 +99,12 @@ class TrainArgs:
     adalora_final_orth_reg_weight: float | None = adalora_option(
         "final_orth_reg_weight", "Orthogonal weight once ranks are frozen (default: same)."
     )
+    adalora_budget_unit: str = option(
+        _ADALORA_DEFAULTS["budget_unit"],
+        "What the budget counts. triplets: target_r x matrices (the paper, PEFT). params: LoRA's parameters at "
+        "rank target_r on the same matrices, so the adapter ends no larger than that LoRA.",
+        choices=BUDGET_UNITS,
+    )
     adalora_preset: str = option(
         "paper",
         "paper: the schedule as given. recommended: tinit 10%, tfinal 50% of the steps, no orthogonal term once "
@@ -122,6 +128,7 @@ class TrainArgs:
             "tinit": self.adalora_tinit,
             "tfinal": self.adalora_tfinal,
             "final_orth_reg_weight": self.adalora_final_orth_reg_weight,
+            "budget_unit": self.adalora_budget_unit,
             **preset,
         }
         return AdaLoraConfig(

@@ -58,6 +58,7 @@ class TrainResult:
     loss_end: float  # ... and of the last 10%
     ranks: dict[str, int]
     budget: int
+    budget_unit: str
     wall_time: float
     eval_start: dict = field(default_factory=dict)
     eval_end: dict = field(default_factory=dict)
@@ -76,7 +77,10 @@ class TrainResult:
                 f"{key}: {self.eval_start.get(key, float('nan')):.4f} -> {self.eval_end.get(key, float('nan')):.4f}"
             )
         kept = sum(self.ranks.values())
-        lines.append(f"final ranks: {kept} triplets kept (budget {self.budget}) over {len(self.ranks)} matrices")
+        lines.append(
+            f"final ranks: {kept} triplets kept (budget {self.budget:,} {self.budget_unit}) over {len(self.ranks)} "
+            "matrices"
+        )
         lines += [f"  {path} {rank}" for path, rank in self.ranks.items()]
         if self.size:
             lines.append(self.size)
@@ -131,6 +135,7 @@ def train(
             loss_end=float(np.mean(losses[-tenth:])) if losses else float("nan"),
             ranks={path: layer.rank for path, layer in adapted_layers(run.net)},
             budget=run.allocator.target_budget,
+            budget_unit=run.config.budget_unit,
             wall_time=time.time() - started,
             eval_start=eval_start or (first_eval(run_dir) if dist.is_main else {}),
             eval_end=eval_end,

@@ -234,6 +234,7 @@ def describe_run(run: Run) -> str:
     return (
         f"{run.task}: {len(run.train_set)} examples ({run.train_set.truncated} truncated), {run.per_epoch} "
         f"steps/epoch at global batch {run.global_batch}, total_step {run.total_step}; "
-        f"{len(run.allocator.layers)} adapted matrices, budget {run.allocator.init_budget} -> "
-        f"{run.allocator.target_budget}; {trainable:,} of {total:,} parameters trainable; {device} {precision}"
+        f"{len(run.allocator.layers)} adapted matrices, budget {run.allocator.init_budget:,} -> "
+        f"{run.allocator.target_budget:,} {run.config.budget_unit}; {trainable:,} of {total:,} parameters "
+        f"trainable; {device} {precision}"
     )

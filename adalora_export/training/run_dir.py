@@ -173,6 +173,7 @@ def write_outputs(
         "init_r": config.init_r,
         "target_r": config.target_r,
         "budget": allocator.target_budget,
+        "budget_unit": config.budget_unit,
         "ranks": adapter.rank_pattern,
         "rank_pattern": allocator.rank_pattern,
     }

@@ -308,3 +308,81 @@ def test_final_orth_reg_weight_option_switches_only_after_the_pattern_is_frozen(
     assert [w for _, w in seen[8:]] == [0.5] * 4 + [0.0] * 4  # 0 from the final step (5) on
     with pytest.raises(UserError, match="final_orth_reg_weight"):
         AdaLoraConfig(final_orth_reg_weight=-1.0)
+
+
+def _set_scores(allocator: RankAllocator, scores: list[list[float]]) -> None:
+    """Make each layer's triplet scores exactly ``scores`` (E's sensitivity; A and B contribute 0)."""
+    for i, layer_scores in enumerate(scores):
+        for j in range(3):
+            allocator.exp_avg_ipt[3 * i + j].zero_()
+            allocator.exp_avg_unc[3 * i + j].fill_(1.0)
+        allocator.exp_avg_ipt[3 * i + 1].copy_(torch.tensor(layer_scores).view(-1, 1))
+
+
+def test_budget_in_parameters_keeps_the_best_triplets_that_fit_and_never_exceeds_lora():
+    model = tiny_llama()  # q_proj 64 x 64 (a triplet costs 129), up_proj 64 -> 128 (costs 193)
+    config = AdaLoraConfig(init_r=4, target_r=2, target_modules=["q_proj", "up_proj"], budget_unit="params")
+    inject_adapters(model, config)
+    allocator = RankAllocator(model, config, total_step=10)
+    costs = [layer.in_features + layer.out_features + 1 for _, layer in allocator.layers]
+    assert sorted(set(costs)) == [129, 193]
+    assert allocator.init_budget == 4 * sum(costs)
+    assert allocator.target_budget == 2 * sum(c - 1 for c in costs)  # LoRA r=2's parameters on the same matrices
+    # The up_proj triplets outscore every q_proj one: a triplet budget keeps the 8 of up_proj's two
+    # layers (1,544 parameters, 21% over LoRA r=2's 1,280); the parameter budget keeps 6 (1,158).
+    big = [i for i, c in enumerate(costs) if c == 193]
+    scores = [[10.0 + k for k in range(4)] if i in big else [1.0 + k / 10 for k in range(4)] for i in range(len(costs))]
+    _set_scores(allocator, scores)
+    masks = allocator.mask_to_budget(allocator.target_budget)
+    kept_cost = sum(int(m.sum()) * c for m, c in zip(masks.values(), costs))
+    assert kept_cost <= allocator.target_budget
+    # Kept best first: the next triplet by score would not have fitted.
+    flat_scores = torch.tensor([s for layer in scores for s in layer])
+    flat_keep = torch.cat(list(masks.values()))
+    flat_cost = torch.tensor([c for c, layer in zip(costs, scores) for _ in layer])
+    assert flat_scores[flat_keep].min() > flat_scores[~flat_keep].max()
+    best_masked = int(torch.argmax(torch.where(flat_keep, -1.0, flat_scores)))
+    assert kept_cost + int(flat_cost[best_masked]) > allocator.target_budget
+    assert [int(m.sum()) for m in masks.values()] == [0, 3, 0, 3]  # q, up, q, up: ties to the later triplet
+
+    triplets = AdaLoraConfig(init_r=4, target_r=2, target_modules=["q_proj", "up_proj"])
+    model = tiny_llama()
+    inject_adapters(model, triplets)
+    by_triplet = RankAllocator(model, triplets, total_step=10)
+    _set_scores(by_triplet, scores)
+    masks = by_triplet.mask_to_budget(by_triplet.target_budget)
+    assert sum(int(m.sum()) * c for m, c in zip(masks.values(), costs)) > allocator.target_budget
+
+
+def test_budget_in_parameters_trains_to_an_adapter_no_larger_than_lora_at_target_r():
+    model = tiny_llama()
+    config = AdaLoraConfig(init_r=4, target_r=2, tinit=2, tfinal=3, target_modules=LLAMA_TARGETS, budget_unit="params")
+    inject_adapters(model, config)
+    seen = []
+    allocator, _, _ = train(model, config, total=10, on_step=lambda s, r, a, o: seen.append(r.budget))
+    assert seen[0] == allocator.init_budget and seen[-1] == allocator.target_budget
+    assert all(a >= b for a, b in zip(seen, seen[1:]))  # the cubic schedule, now in parameters
+    adapter = CompactAdapter.from_model(model, config)
+    lora_r2 = sum(2 * (layer.in_features + layer.out_features) for _, layer in adapted_layers(model))
+    assert 0.9 * lora_r2 < adapter.num_parameters() <= lora_r2
+    with pytest.raises(UserError, match="budget_unit"):
+        AdaLoraConfig(budget_unit="bytes")
+
+
+def test_a_parameter_budget_is_reported_in_parameters_and_survives_save_and_load(tmp_path):
+    from support import adapter_at_ranks
+
+    from adalora_export.formats import adapter_summary, read_adapter_dir, save_adapter
+    from adalora_export.report import format_table
+
+    model = tiny_llama()
+    adapter = adapter_at_ranks(model, ["q_proj", "up_proj"], [2, 0, 3, 1], init_r=4)
+    adapter.config.budget_unit, adapter.config.target_r = "params", 2
+    s = adapter_summary(adapter)
+    lora_r2 = sum(2 * (m.in_features + m.out_features) for m in adapter.modules.values())
+    assert s["budget_unit"] == "params" and s["budget"] == lora_r2
+    assert sum(m["share"] for m in s["modules"]) == adapter.num_parameters() / lora_r2
+    line = f"total rank 6, {adapter.num_parameters():,} parameters against a budget of {lora_r2:,} (LoRA at r=2"
+    assert line in format_table(adapter)
+    loaded = read_adapter_dir(save_adapter(adapter, tmp_path / "adapter"))
+    assert loaded.config.budget_unit == "params" and adapter_summary(loaded)["budget"] == lora_r2
