@@ -278,8 +278,10 @@ METHODS = {
     "lora-uniform": {"kind": "uniform"},
     "lora-oracle": {"kind": "oracle"},
 }
-EXTRA_METHODS = {  # behind --methods: the final-phase option alone, on the bench's schedule
+EXTRA_METHODS = {  # behind --methods: single options on the bench's schedule, and the budget in parameters
     "ours+": {"kind": "ours", "options": {"final_orth_reg_weight": 0.0}},
+    "ours+params": {"kind": "ours", "options": {"budget_unit": "params"}},
+    "ours-recommended+params": {"kind": "ours", "preset": "recommended", "options": {"budget_unit": "params"}},
 }
 DEFAULT_METHODS = list(METHODS)
 METHODS.update(EXTRA_METHODS)

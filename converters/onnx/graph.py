@@ -37,9 +37,6 @@ from .layout import DATA_FILE, MODEL_FILE
 
 DEFAULT_OPSET = 17
 MIN_OPSET, MAX_OPSET = 14, 20
-# Kept in fp32 by the fp16 conversion: RMSNorm's mean of squares overflows or loses its digits in
-# fp16 (transformers upcasts it too); these ops are tiny next to the matmuls.
-FP32_OPS = ["Pow", "ReduceMean", "Sqrt", "Reciprocal"]
 
 
 @dataclass
@@ -207,21 +204,6 @@ def bind_inputs(model: onnx.ModelProto, constants: dict[str, np.ndarray], defaul
     graph.input.extend(keep)
     for name, value in {**constants, **defaults}.items():
         graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(value), name))
-
-
-def to_fp16(model: onnx.ModelProto) -> onnx.ModelProto:
-    """Weights, compute and float inputs/outputs in fp16 (norm statistics stay fp32, see FP32_OPS)."""
-    from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return convert_float_to_float16(
-            model,
-            keep_io_types=False,
-            op_block_list=DEFAULT_OP_BLOCK_LIST + FP32_OPS,
-            # shape inference serializes the proto, which protobuf refuses past 2 GiB
-            disable_shape_infer=sum(t.ByteSize() for t in model.graph.initializer) > 2**31 - 2**26,
-        )
 
 
 def save_graph(model: onnx.ModelProto, directory: Path) -> Path:
