@@ -235,3 +235,20 @@ def load_tensors(path: str | os.PathLike, allow_pickle: bool = False, device: st
         if tensor.is_floating_point() and tensor.numel() and not torch.isfinite(tensor).all():
             raise UserError(f"{path}: tensor {name} holds NaN or Inf values")
     return tensors
+
+
+def release_freed_memory() -> None:
+    """Collect garbage and hand freed heap memory back to the system (glibc's ``malloc_trim``).
+
+    Why: torch's CPU tensors come from malloc, and glibc keeps large freed blocks in the heap once its
+    mmap threshold has grown, so a freed model still counts in the process's memory while the next
+    stage (an onnxruntime session of the same size) allocates its own.
+    """
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to trim
+        pass

@@ -100,17 +100,27 @@ class SVDLinear(nn.Module):
     def merge(self) -> None:
         """Add the update into the base weight; forward then skips the branch."""
         if not self.merged:
-            weight = self.base_layer.weight
-            weight.copy_((weight.float() + self.delta_weight()).to(weight.dtype))
+            self._add_to_weight(+1.0)
             self.merged = True
 
     @torch.no_grad()
     def unmerge(self) -> None:
         """Subtract the update again (exact up to float rounding in the base dtype)."""
         if self.merged:
-            weight = self.base_layer.weight
-            weight.copy_((weight.float() - self.delta_weight()).to(weight.dtype))
+            self._add_to_weight(-1.0)
             self.merged = False
+
+    def _add_to_weight(self, sign: float, block_bytes: int = 2**24) -> None:
+        """weight += sign * delta in fp32, rounded once to the weight's dtype, a block of rows at a time
+        (no fp32 copy of a whole large weight: merging a 748M model stays within its own size)."""
+        weight = self.base_layer.weight
+        down, up = svd_factors(self.lora_A, self.lora_E, self.lora_B)  # r x in, out x r
+        if self.fan_in_fan_out:  # Conv1D stores in x out: its rows are the update's columns
+            down, up = up.T, down.T
+        rows = max(1, block_bytes // (4 * weight.shape[1]))
+        for i in range(0, weight.shape[0], rows):
+            block = weight[i : i + rows]
+            block.copy_((block.float() + sign * ((up[i : i + rows] @ down) * self.scale)).to(weight.dtype))
 
     @torch.no_grad()
     def prune(self, keep: torch.Tensor, optimizer: torch.optim.Optimizer | None = None) -> None:

@@ -17,6 +17,7 @@ fails with a UserError, leaving nothing behind, when they exceed the tolerance.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 from dataclasses import dataclass
@@ -31,7 +32,8 @@ from tqdm import tqdm
 from adalora_export.adapter import CompactAdapter, model_shapes
 from adalora_export.errors import UserError
 from adalora_export.hf import CAUSAL_LM, SEQ_CLS, TASKS, check_model_dir, infer_task
-from adalora_export.io import atomic_output_dir, check_output_path, write_json
+from adalora_export.io import atomic_output_dir, check_output_path, release_freed_memory, write_json
+from adalora_export.layer import SVDLinear
 from adalora_export.sources import load_base
 
 from .adapter_file import write_adapter_file
@@ -42,7 +44,9 @@ from .graph import (
     MIN_OPSET,
     GraphSpec,
     GraphWrapper,
+    base_weights,
     bind_inputs,
+    externalize_weights,
     graph_spec,
     io_signature,
     save_graph,
@@ -78,6 +82,7 @@ class _Traced:
     proto: onnx.ModelProto | None  # None once saved
     spec: GraphSpec
     prepared: PreparedGraph
+    weights: dict[str, torch.Tensor] | None  # the base weights, written beside the graph (None once saved)
 
 
 def export_onnx(
@@ -115,8 +120,12 @@ def export_onnx(
 
     with tqdm(total=6, desc=f"ONNX export ({kind.value}, {dtype})", unit="stage") as stages:
         stages.set_postfix_str("loading")
-        model = load_base(adapter, base_dir, allow_pickle=allow_pickle)
+        # In the base's own dtype: a bf16 base is never held in fp32 whole (torch_reference computes in
+        # fp32 module by module); the adapter's trained head weights stay fp32 for the reference.
+        model = load_base(adapter, base_dir, allow_pickle=allow_pickle, dtype="auto")
         adapter.check_fits(*model_shapes(model), base=str(base_dir))
+        for name in adapter.extra_weights:
+            model.get_parameter(name).data = model.get_parameter(name).data.float()
         samples = parity_samples(model, graph_spec(model, task, with_past))
         stages.update()
 
@@ -147,6 +156,7 @@ def export_onnx(
             stages.set_postfix_str("saving")
             model_path = _save(traced, model, adapter, manifest, base_dir, tmp)
             del model  # the graph and the references are all the check needs: free the torch weights first
+            release_freed_memory()
             stages.update()
 
             stages.set_postfix_str("onnxruntime check")
@@ -193,7 +203,8 @@ def _trace(
     base_extras: dict[str, torch.Tensor],
     sample: dict[str, torch.Tensor],
 ) -> _Traced:
-    """Prepare the adapted model for its kind, trace it on ``sample`` in the export's dtype and bind its inputs.
+    """Cast the model to the export's dtype, prepare it for its kind, trace it on ``sample`` and bind
+    its inputs. The base weights are traced as inputs and kept aside for ``save_graph``.
 
     fp16 traces the model cast to fp16, so the graph computes what transformers computes in fp16:
     its models keep norm statistics, rotary angles and softmax in fp32 by explicit casts, which the
@@ -203,20 +214,50 @@ def _trace(
     Attention is traced in its eager form: the TorchScript exporter's SDPA symbolic computes in fp32
     and hands fp32 to the fp16 layers after it, a graph onnxruntime refuses.
     """
-    prepared = prepare_model(model, adapter, settings.kind, base_extras)
-    spec = graph_spec(model, settings.task, settings.with_past, list(prepared.swappable))
-    data = [sample[name] for name in spec.data_inputs + spec.past_inputs]
-    swappable = list(prepared.swappable.values())
+    dtype = torch.float16 if settings.dtype == "fp16" else torch.float32
     if settings.dtype == "fp16":
         model.set_attn_implementation("eager")
-        model.half()
-        data = [t.half() if t.is_floating_point() else t for t in data]
-        swappable = [t.half() for t in swappable]
+    _cast_base(model, dtype)
+    prepared = prepare_model(model, adapter, settings.kind, base_extras)  # merges in fp32, rounds once
+    spec = graph_spec(model, settings.task, settings.with_past, list(prepared.swappable))
+    weights = base_weights(model, exclude=set(prepared.swappable))
+    data = [sample[name] for name in spec.data_inputs + spec.past_inputs]
+    data = [t.to(dtype) if t.is_floating_point() else t for t in data]
+    swappable = [t.to(dtype) for t in prepared.swappable.values()]
+    if settings.dtype == "fp16":
         for values in (prepared.constants, prepared.defaults):
             values.update({name: value.astype(np.float16) for name, value in values.items()})
-    proto = trace_to_onnx(GraphWrapper(model, spec).eval(), data + swappable, prepared.axes, settings.opset)
+    tracing = dataclasses.replace(spec, swappable=spec.swappable + list(weights))
+    proto = trace_to_onnx(
+        GraphWrapper(model, tracing).eval(), data + swappable + list(weights.values()), prepared.axes, settings.opset
+    )
+    external = externalize_weights(proto, weights)
     bind_inputs(proto, prepared.constants, prepared.defaults)
-    return _Traced(proto, spec, prepared)
+    return _Traced(proto, spec, prepared, external)
+
+
+def _cast_base(model: nn.Module, dtype: torch.dtype) -> None:
+    """Cast the model's float parameters to ``dtype``, but not the adapter's (SVDLinear's own), which
+    stay fp32 until merged or turned into branches. Buffers keep their dtype (rotary inverse
+    frequencies stay fp32, as transformers computes them).
+
+    bf16 -> fp16 is done in place, a block at a time: the new weights take the old ones' memory
+    (for a memory-mapped checkpoint, its private pages), so the model is never held twice.
+    """
+    for module in model.modules():
+        if isinstance(module, SVDLinear):
+            continue
+        for param in module._parameters.values():
+            if param is None or not param.is_floating_point() or param.dtype == dtype:
+                continue
+            old = param.data
+            if old.element_size() != torch.empty(0, dtype=dtype).element_size() or not old.is_contiguous():
+                param.data = old.to(dtype)
+                continue
+            new, flat = old.view(dtype), old.view(-1)
+            for start in range(0, flat.numel(), 2**22):
+                new.view(-1)[start : start + 2**22] = flat[start : start + 2**22].to(dtype)  # read, then write
+            param.data = new
 
 
 def _manifest(
@@ -263,8 +304,8 @@ def _save(
 
     Drops the in-memory graph once saved. Returns the path of ``model.onnx``.
     """
-    model_path = save_graph(traced.proto, directory)
-    traced.proto = None  # the weights are on disk now: free their memory before the onnxruntime check
+    model_path = save_graph(traced.proto, directory, traced.weights)
+    traced.proto = traced.weights = None  # on disk now: free their memory before the onnxruntime check
     model.config.architectures = [type(model).__name__]  # the task exported, whatever the base said
     model.config.save_pretrained(directory)
     copy_tokenizer_files(base_dir, directory)

@@ -139,18 +139,68 @@ class GraphWrapper(nn.Module):
 
 @contextlib.contextmanager
 def _parameters_replaced(model: nn.Module, tensors: dict[str, torch.Tensor]) -> Iterator[None]:
-    """Let ``tensors`` stand in for the parameters of the same names, restoring them afterwards."""
+    """Let ``tensors`` stand in for the parameters of the same names (and every tied alias of them,
+    such as an output head sharing the embedding), restoring them afterwards."""
+    aliases: dict[int, list[str]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        aliases.setdefault(id(param), []).append(name)
+    by_name = dict(model.named_parameters(remove_duplicate=False))
     saved = []
     try:
         for name, tensor in tensors.items():
-            owner_path, _, attr = name.rpartition(".")
-            owner = model.get_submodule(owner_path) if owner_path else model
-            saved.append((owner, attr, owner._parameters[attr]))
-            owner._parameters[attr] = tensor
+            for alias in aliases.get(id(by_name[name]), [name]) if name in by_name else [name]:
+                owner_path, _, attr = alias.rpartition(".")
+                owner = model.get_submodule(owner_path) if owner_path else model
+                saved.append((owner, attr, owner._parameters[attr]))
+                owner._parameters[attr] = tensor
         yield
     finally:
         for owner, attr, param in reversed(saved):
             owner._parameters[attr] = param
+
+
+def base_weights(model: nn.Module, exclude: set[str]) -> dict[str, torch.Tensor]:
+    """The model's parameters but ``exclude``, to be traced as graph inputs and then written out
+    one at a time (``externalize_weights``, ``save_graph``) rather than embedded by the exporter.
+
+    Why: the TorchScript exporter copies every weight into its protobuf and serializes that again,
+    about three copies of the model at once (5 GB for the 1.5 GB fp16 graph of a 748M model); as
+    inputs they cost nothing more than the torch model holds already.
+    """
+    return {name: p.detach() for name, p in model.named_parameters() if name not in exclude}
+
+
+def externalize_weights(model: onnx.ModelProto, weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Turn the traced weight inputs into tensors to be written beside the graph; return name -> tensor.
+
+    A 2-D weight read through a Transpose (a Linear's MatMul) is kept transposed under that node's
+    output and the node is dropped, which is the folding the exporter does for embedded weights;
+    any other computation on a weight stays in the graph for onnxruntime to fold when it loads.
+    Unused weights are dropped.
+    """
+    graph = model.graph
+    users: dict[str, list[onnx.NodeProto]] = {}
+    for node in graph.node:
+        for name in node.input:
+            if name in weights:
+                users.setdefault(name, []).append(node)
+    external: dict[str, torch.Tensor] = {}
+    folded: set[str] = set()
+    for name, tensor in weights.items():
+        for node in users.get(name, []):
+            perm = next((list(a.ints) for a in node.attribute if a.name == "perm"), None)
+            if node.op_type == "Transpose" and tensor.dim() == 2 and perm in (None, [1, 0]):
+                external[node.output[0]] = tensor.t()
+                folded.add(node.output[0])
+            else:
+                external[name] = tensor
+    kept = [n for n in graph.node if not (n.op_type == "Transpose" and n.output[0] in folded)]
+    del graph.node[:]
+    graph.node.extend(kept)
+    inputs = [i for i in graph.input if i.name not in weights]
+    del graph.input[:]
+    graph.input.extend(inputs)
+    return external
 
 
 def trace_to_onnx(
@@ -206,9 +256,31 @@ def bind_inputs(model: onnx.ModelProto, constants: dict[str, np.ndarray], defaul
         graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(value), name))
 
 
-def save_graph(model: onnx.ModelProto, directory: Path) -> Path:
-    """Write ``model.onnx`` with all weights in one external file ``model.onnx.data`` beside it."""
+def save_graph(model: onnx.ModelProto, directory: Path, external: dict[str, torch.Tensor] | None = None) -> Path:
+    """Write ``model.onnx`` with all weights in one external file ``model.onnx.data`` beside it.
+
+    ``external`` tensors (``externalize_weights``) are written first, one at a time, at 4 KiB-aligned
+    offsets (so onnxruntime can map them), and become the graph's initializers; the graph's own
+    initializers follow them in the same file.
+    """
     path = directory / MODEL_FILE
+    with open(directory / DATA_FILE, "wb") as data:
+        for name, tensor in (external or {}).items():
+            if tensor.dtype not in _ONNX_TYPES:
+                raise RuntimeError(f"weight {name} is {tensor.dtype}, not fp32 or fp16")
+            data.write(b"\0" * (-data.tell() % 4096))
+            offset = data.tell()
+            rows = max(1, 2**24 // max(1, tensor[0].numel() * tensor.element_size())) if tensor.dim() else 1
+            for start in range(0, max(1, len(tensor)) if tensor.dim() else 1, rows):  # a transposed view: by blocks
+                block = tensor[start : start + rows] if tensor.dim() else tensor
+                data.write(memoryview(block.contiguous().numpy()).cast("B"))
+            nbytes = data.tell() - offset
+            init = onnx.TensorProto(name=name, dims=tensor.shape, data_type=_ONNX_TYPES[tensor.dtype])
+            init.data_location = onnx.TensorProto.EXTERNAL
+            for key, value in (("location", DATA_FILE), ("offset", offset), ("length", nbytes)):
+                entry = init.external_data.add()
+                entry.key, entry.value = key, str(value)
+            model.graph.initializer.append(init)
     onnx.save_model(
         model,
         str(path),
@@ -218,6 +290,9 @@ def save_graph(model: onnx.ModelProto, directory: Path) -> Path:
         size_threshold=1024,
     )
     return path
+
+
+_ONNX_TYPES = {torch.float32: onnx.TensorProto.FLOAT, torch.float16: onnx.TensorProto.FLOAT16}
 
 
 def io_signature(model: onnx.ModelProto, exclude: set[str]) -> tuple[list[dict], list[dict]]:

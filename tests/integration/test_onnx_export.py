@@ -279,3 +279,33 @@ def test_cli_export_then_adapter_for_the_graph(workdir, bases, capsys):
     infer = ("infer", out, "--prompt", "w5 w6 w7", "--max_new_tokens", 5, "--provider", "cpu")
     assert run_cli(*infer, "--adapter", target) == 0
     assert capsys.readouterr().out.strip() == OnnxServer(out, adapter=target).generate("w5 w6 w7", 5)
+
+
+def test_a_bf16_base_is_checked_in_fp32_without_an_fp32_copy_and_exports_in_both_dtypes(workdir):
+    """A bf16 checkpoint: the reference runs module by module in fp32 (equal to casting the whole model),
+    the fp16 export converts it in place, and both dtypes pass their check with the weights written
+    beside the graph as its initializers."""
+    import torch
+
+    from adalora_export.converters.onnx.graph import graph_spec
+    from adalora_export.converters.onnx.parity import parity_samples, torch_reference
+
+    model = tiny_llama(seed=3)
+    adapter = adapter_at_ranks(model, LLAMA_TARGETS, [2, 0, 5], seed=3)
+    base_dir = save_base(model.to(torch.bfloat16), workdir / "llama-bf16")
+    bf16 = load_pretrained(base_dir, dtype="auto").eval()
+    assert next(bf16.parameters()).dtype == torch.bfloat16
+    samples = parity_samples(bf16, graph_spec(bf16, "causal_lm", False))
+    hooked = torch_reference(bf16, "causal_lm", False, samples)
+    assert next(bf16.parameters()).dtype == torch.bfloat16  # left as it came
+    whole = torch_reference(bf16.float(), "causal_lm", False, samples)
+    assert all(torch.allclose(a[0], b[0], rtol=0, atol=1e-5) for a, b in zip(hooked, whole))
+
+    for dtype, bound in (("fp32", 1e-4), ("fp16", 5e-3)):
+        out = workdir / f"llama-bf16-{dtype}"
+        manifest = export_onnx(adapter, base_dir, out, kind=OnnxKind.RANK_COMPACT, dtype=dtype)
+        assert manifest["parity"]["max_relative_error"] <= bound
+        graph = onnx.load(str(out / "model.onnx"), load_external_data=False)
+        names = {t.name for t in graph.graph.initializer}
+        assert "model.embed_tokens.weight" in names and not {i.name for i in graph.graph.input} & names
+        assert not any(n.op_type == "Transpose" and n.input[0] in names for n in graph.graph.node)  # folded
