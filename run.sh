@@ -13,8 +13,10 @@ setup() {
     .venv/bin/python -m pip install -q --upgrade pip
     # torch first, chosen on purpose: the CPU build (+cpu) where no NVIDIA GPU answers, the default
     # (CUDA) build where one does. A bare "torch" requirement would pull a multi-GB CUDA build anywhere.
+    local genai="onnxruntime-genai"
     if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
       .venv/bin/python -m pip install -q "torch==2.13.0"
+      genai="onnxruntime-genai-cuda"  # the same module, built with the CUDA provider
     else
       .venv/bin/python -m pip install -q "torch==2.13.0+cpu"
     fi
@@ -22,7 +24,7 @@ setup() {
     # onnxruntime-genai (the builder and generator the tests check our exports against) declares the
     # CPU "onnxruntime" distribution, which would overwrite onnxruntime-gpu's same-named module; it
     # runs on the onnxruntime already installed, so it goes in without its declared dependencies.
-    .venv/bin/python -m pip install -q --no-deps "onnxruntime-genai==0.18.0"
+    .venv/bin/python -m pip install -q --no-deps "$genai==0.18.0"
     touch "$stamp"
   fi
 }

@@ -1,4 +1,5 @@
-"""GPU generation throughput: the merged fp16 graph under onnxruntime's CUDA provider vs torch eager fp16.
+"""GPU generation throughput: our merged fp16 graph and onnxruntime-genai's builder graphs (fp16, int4)
+under CUDA, against torch eager fp16.
 
 One prepared script for a CUDA machine. It builds a Llama-style model with an AdaLoRA adapter of
 heterogeneous ranks, exports the merged graph with a KV cache in fp16 (the export checks itself
@@ -9,10 +10,14 @@ against torch first), then times greedy generation on the same GPU:
 - torch: eager fp16, the same model merged, ``DynamicCache``, the same prompt and loop.
 
 It reports prompt (prefill) latency and decode tokens/s per batch size, and how many generated
-tokens the two agree on. Without a usable CUDA GPU it says so and exits 0.
+tokens the two agree on. A second table has the builder's graphs (``export_optimized(...,
+target="cuda")``: fp16, and int4 ``MatMulNBits``; each passes its own check first), timed through
+onnxruntime-genai directly and through ``OnnxServer``, with their decode rate over torch's. That
+needs the CUDA build of onnxruntime-genai (``run.sh`` installs it where a GPU answers). Without a
+usable CUDA GPU the script says so and exits 0.
 
     .venv/bin/python bench/bench_onnx_gpu.py                 # hidden 2048, 8 layers, batches 1 and 8
-    .venv/bin/python bench/bench_onnx_gpu.py --cpu-check     # the same code path on the CPU, tiny model
+    .venv/bin/python bench/bench_onnx_gpu.py --cpu-check     # the same code paths on the CPU, tiny model
 """
 
 from __future__ import annotations
@@ -28,11 +33,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench_onnx_cpu import adapter_for, llama  # noqa: E402
+from bench_genai import build_model, genai_steps, measure, prompts  # noqa: E402
 
-from adalora_export.converters.onnx import OnnxKind, export_onnx  # noqa: E402
+from adalora_export.converters.onnx import OnnxKind, export_onnx, export_optimized  # noqa: E402
+from adalora_export.hf import load_pretrained  # noqa: E402
 from adalora_export.model import unwrap_adapters  # noqa: E402
-from adalora_export.serving import create_session, cuda_usable  # noqa: E402
+from adalora_export.serving import OnnxServer, create_session, cuda_usable  # noqa: E402
+from adalora_export.sources import load_adapter  # noqa: E402
 
 
 def ort_generate(
@@ -130,10 +137,8 @@ def main() -> None:
         device, dtype, provider = "cuda", "fp16", "cuda"
 
     with tempfile.TemporaryDirectory(prefix="bench-onnx-gpu-") as tmp:
-        model = llama(args.hidden, args.layers)
-        base_dir = Path(tmp) / "base"
-        model.save_pretrained(base_dir)
-        adapter = adapter_for(model)
+        base_dir, adapter_dir = build_model(Path(tmp), args.hidden, args.layers)
+        adapter, model = load_adapter(adapter_dir), load_pretrained(base_dir, dtype=torch.float32).eval()
         start = time.perf_counter()
         manifest = export_onnx(adapter, base_dir, Path(tmp) / "onnx", kind=OnnxKind.MERGED, with_past=True, dtype=dtype)
         print(
@@ -152,19 +157,51 @@ def main() -> None:
             "| batch | ORT prefill | ORT decode tok/s | torch prefill | torch decode tok/s | ORT/torch decode | agree |"
         )
         print("|---|---|---|---|---|---|---|")
-        rng = np.random.default_rng(0)
-        for batch in [int(b) for b in args.batches.split(",")]:
-            prompt = rng.integers(0, model.config.vocab_size, (batch, args.prompt))
+        batches, torch_rates = [int(b) for b in args.batches.split(",")], {}
+        for batch in batches:
+            prompt = np.asarray(prompts(batch, args.prompt), np.int64)
             ort_generate(session, manifest, prompt, 2, ort_device)  # warm-up (kernels, allocator)
             torch_generate(merged, prompt, 2, device)
             ort_tokens, ort_pre, ort_dec = ort_generate(session, manifest, prompt, args.new, ort_device)
             torch_tokens, t_pre, t_dec = torch_generate(merged, prompt, args.new, device)
             decoded = batch * (args.new - 1)
-            ort_rate, torch_rate = decoded / ort_dec, decoded / t_dec
+            ort_rate = decoded / ort_dec
+            torch_rates[batch] = torch_rate = decoded / t_dec
             print(
                 f"| {batch} | {ort_pre * 1e3:.1f} ms | {ort_rate:.0f} | {t_pre * 1e3:.1f} ms | {torch_rate:.0f} "
                 f"| {ort_rate / torch_rate:.2f} | {agreement(ort_tokens, torch_tokens):.0%} |"
             )
+        del session
+        builder_table(adapter, base_dir, Path(tmp), "cuda" if device == "cuda" else "cpu", args, torch_rates)
+
+
+def builder_table(adapter, base_dir: Path, root: Path, target: str, args, torch_rates: dict[int, float]) -> None:
+    """onnxruntime-genai's builder graphs for ``target`` (fp16 and int4 on CUDA; fp32 and int4 in the
+    CPU check), timed through onnxruntime-genai and through OnnxServer, against torch's decode rate."""
+    import onnxruntime_genai as og
+
+    if target == "cuda" and not og.is_cuda_available():
+        print("\nbuilder graphs: this onnxruntime-genai is the CPU build (install onnxruntime-genai-cuda); not run.")
+        return
+    print("\n| batch | builder graph | route | prefill | decode tok/s | decode vs torch |")
+    print("|---|---|---|---|---|---|")
+    graphs = {}
+    for dtype in ("fp16", "int4") if target == "cuda" else ("fp32", "int4"):
+        out = root / f"opt_{dtype}_{target}"
+        check = export_optimized(adapter, base_dir, out, dtype=dtype, target=target)["parity"]
+        print(f"builder {dtype} ({target}): check {check['max_relative_error']:.2e} (bound {check['tolerance']:g})")
+        graphs[dtype] = (og.Model(str(out)), OnnxServer(out, provider=target))
+    for batch in [int(b) for b in args.batches.split(",")]:
+        ids = prompts(batch, args.prompt)
+        for dtype, (model, server) in graphs.items():
+            routes = {
+                "onnxruntime-genai": lambda b, n, m=model: genai_steps(m, b, n),
+                "OnnxServer": server.generate_batch_ids,
+            }
+            for route, steps in routes.items():
+                first, rate = measure(steps, ids, args.new, 3)
+                ratio = rate / torch_rates[batch]
+                print(f"| {batch} | {dtype} | {route} | {first * 1e3:.1f} ms | {rate:.0f} | {ratio:.2f} |")
 
 
 if __name__ == "__main__":
