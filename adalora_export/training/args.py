@@ -90,8 +90,8 @@ class TrainArgs:
     )
     adalora_target_r: int = adalora_option("target_r", "Target average rank.")
     adalora_init_r: int = adalora_option("init_r", "Initial rank of every matrix.")
-    adalora_tinit: int = adalora_option("tinit", "Warm-up steps before pruning.")
-    adalora_tfinal: int = adalora_option("tfinal", "Final steps at the fixed budget.")
+    adalora_tinit: int | None = option(None, "Warm-up steps before pruning (default: the preset's; paper: 0).")
+    adalora_tfinal: int | None = option(None, "Final steps at the fixed budget (default: the preset's; paper: 0).")
     adalora_deltaT: int = adalora_option("deltaT", "Mask every deltaT steps.")
     adalora_beta1: float = adalora_option("beta1", "EMA factor of sensitivity.")
     adalora_beta2: float = adalora_option("beta2", "EMA factor of uncertainty.")
@@ -99,38 +99,32 @@ class TrainArgs:
     adalora_final_orth_reg_weight: float | None = adalora_option(
         "final_orth_reg_weight", "Orthogonal weight once ranks are frozen (default: same)."
     )
-    adalora_budget_unit: str = option(
-        _ADALORA_DEFAULTS["budget_unit"],
-        "What the budget counts. triplets: target_r x matrices (the paper, PEFT). params: LoRA's parameters at "
-        "rank target_r on the same matrices, so the adapter ends no larger than that LoRA.",
+    adalora_budget_unit: str | None = option(
+        None,
+        "What the budget counts (default: the preset's). triplets: target_r x matrices (paper, PEFT). params: "
+        "LoRA's parameters at rank target_r on the same matrices, so the adapter ends no larger than that LoRA.",
         choices=BUDGET_UNITS,
     )
     adalora_preset: str = option(
         "paper",
-        "paper: the schedule as given. recommended: tinit 10%, tfinal 50% of the steps, no orthogonal term once "
-        "ranks are frozen (BENCHMARKS.md).",
+        "paper: PEFT's algorithm, the schedule as given. recommended: tinit 10%, tfinal 50% of the steps, no "
+        "orthogonal term once ranks are frozen, budget in parameters (BENCHMARKS.md); explicit flags win.",
         choices=PRESETS,
     )
 
     def adalora_config(self, total_step: int | None = None) -> AdaLoraConfig:
         """The AdaLoRA config of these options (validated: bad values are UserErrors). Given the run's
-        ``total_step``, the preset's schedule is applied and checked against it."""
-        preset = {}
+        ``total_step``, the preset fills the schedule options left unset, and it is checked."""
+        preset = {"tinit": 0, "tfinal": 0, "budget_unit": "triplets"}  # paper: PEFT's defaults
         if self.adalora_preset == "recommended":
-            if self.adalora_tinit or self.adalora_tfinal:
-                raise UserError(
-                    "--adalora_preset recommended sets tinit and tfinal itself; drop --adalora_tinit/tfinal"
-                )
             preset = recommended_schedule(total_step or 1)
-            if self.adalora_final_orth_reg_weight is not None:  # an explicit weight wins over the preset's
-                preset["final_orth_reg_weight"] = self.adalora_final_orth_reg_weight
-        options = {
+        explicit = {
             "tinit": self.adalora_tinit,
             "tfinal": self.adalora_tfinal,
             "final_orth_reg_weight": self.adalora_final_orth_reg_weight,
             "budget_unit": self.adalora_budget_unit,
-            **preset,
         }
+        options = {**preset, **{k: v for k, v in explicit.items() if v is not None}}
         return AdaLoraConfig(
             target_r=self.adalora_target_r,
             init_r=self.adalora_init_r,

@@ -266,25 +266,32 @@ def test_other_decoders_chat_and_classification(tmp_path, arch):
     assert adapter.extra_weights["score.weight"].shape == (2, 32)
 
 
+PRESET_DECIDES = dict(adalora_tinit=None, adalora_tfinal=None)  # unset: the preset's
+
+
 def test_recommended_preset_sets_the_schedule_from_the_run_length(tmp_path, llama_dir, data_file):
     out = tmp_path / "run"
-    schedule = dict(adalora_tinit=0, adalora_tfinal=0, adalora_preset="recommended")
-    run(out, llama_dir, data_file, max_steps=20, save_steps=0, **schedule)
+    run(out, llama_dir, data_file, max_steps=20, save_steps=0, adalora_preset="recommended", **PRESET_DECIDES)
     config = json.loads((out / "adapter" / "adapter_config.json").read_text())
     assert (config["tinit"], config["tfinal"], config["total_step"]) == (2, 10, 20)  # 10% and 50% of 20 steps
     records = [r for r in metrics_without_times(out) if "budget" in r]
     frozen = [r["step"] for r in records if r["final"]]
     assert frozen == list(range(10, 21))  # the ranks freeze at total_step - tfinal, and stay frozen
     assert records[0]["budget"] == records[1]["budget"] > records[2]["budget"]  # the budget falls after tinit
-    assert load_adapter_state(out / "final").config.final_orth_reg_weight == 0.0  # no orthogonal term once frozen
+    config = load_adapter_state(out / "final").config
+    assert config.final_orth_reg_weight == 0.0  # no orthogonal term once frozen
+    assert config.budget_unit == "params" and records[-1]["budget"] == sum(  # LoRA's size at target_r
+        config.target_r * (m.in_features + m.out_features) for m in load_adapter(out / "adapter").modules.values()
+    )
 
 
-def test_recommended_preset_refuses_an_explicit_schedule(tmp_path, capsys, llama_dir, data_file):
+def test_explicit_flags_win_over_the_preset(tmp_path, llama_dir, data_file):
     out = tmp_path / "run"
-    argv = ["train", "--model", str(llama_dir), "--data", str(data_file), "--output", str(out), "--max_steps", "12"]
-    assert cli_exit(argv + ["--adalora_preset", "recommended", "--adalora_tinit", "3"]) == 2
-    assert "sets tinit and tfinal itself" in capsys.readouterr().err
-    assert not out.exists()
+    options = dict(max_steps=20, save_steps=0, adalora_preset="recommended")
+    run(out, llama_dir, data_file, **{**PRESET_DECIDES, "adalora_tinit": 3}, adalora_budget_unit="triplets", **options)
+    config = load_adapter_state(out / "final").config
+    assert (config.tinit, config.tfinal, config.budget_unit) == (3, 10, "triplets")  # tfinal still the preset's
+    assert config.final_orth_reg_weight == 0.0
 
 
 def test_head_lr_trains_a_fresh_head_at_its_own_rate(tmp_path):
