@@ -174,7 +174,7 @@ def build_student(method: str, base: nn.Module, targets, ranks: dict[str, int], 
     if spec["kind"] == "ours":
         cfg = AdaLoraConfig(
             init_r=INIT_R, target_r=TARGET_R, tinit=tinit, tfinal=tfinal, deltaT=1, lora_alpha=INIT_R,
-            target_modules=targets, **schedule, **spec.get("options", {}),
+            target_modules=targets, **{**schedule, **spec.get("options", {})},
         )  # fmt: skip
         inject_adapters(student, cfg)
         alloc = RankAllocator(student, cfg, steps)
@@ -268,7 +268,8 @@ def summarize(result, ranks, base_mse):
 
 # -------------------------------------------------------------------------------- main
 # Our AdaLoRA with the paper's algorithm and the bench's schedule (tinit 10%, tfinal 30% of the steps), ours
-# with the `recommended` preset (recommended_schedule: tfinal 50%, no orthogonal term once ranks are frozen),
+# with the `recommended` preset (recommended_schedule: tfinal 50%, no orthogonal term once ranks are frozen,
+# budget in parameters),
 # PEFT's AdaLoRA on both schedules, and the two LoRA baselines.
 METHODS = {
     "ours": {"kind": "ours"},
@@ -281,7 +282,7 @@ METHODS = {
 EXTRA_METHODS = {  # behind --methods: single options on the bench's schedule, and the budget in parameters
     "ours+": {"kind": "ours", "options": {"final_orth_reg_weight": 0.0}},
     "ours+params": {"kind": "ours", "options": {"budget_unit": "params"}},
-    "ours-recommended+params": {"kind": "ours", "preset": "recommended", "options": {"budget_unit": "params"}},
+    "ours-recommended-triplets": {"kind": "ours", "preset": "recommended", "options": {"budget_unit": "triplets"}},
 }
 DEFAULT_METHODS = list(METHODS)
 METHODS.update(EXTRA_METHODS)

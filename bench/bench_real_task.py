@@ -12,8 +12,9 @@ fresh classification head, trained in full by every method. Methods, all on the 
 (query, key, value, attention output, intermediate, output of each layer):
 
 - ours-SCHEDULE[+params][+head]: ``adalora_export.training.train`` (init_r 8, target_r 4) with
-  the ``paper`` schedule (tinit 10%, tfinal 30%, as PEFT below) or the ``recommended`` one, the budget
-  in triplets or, with ``+params``, in parameters, and with ``+head`` the head at 3x the rate;
+  the ``paper`` preset on the bench's schedule (tinit 10%, tfinal 30%, as PEFT below), ``paper0``
+  (PEFT's default schedule, tinit = tfinal = 0) or the ``recommended`` preset's own, the budget in
+  triplets or, with ``+params``, in parameters, and with ``+head`` the head at 3x the rate;
 - peft-adalora: PEFT's AdaLoRA with the same init_r, target_r and schedule as ours-paper;
 - peft-lora-r2/r4/r8: PEFT LoRA, lora_alpha = 2r;
 - head-only: the encoder frozen.
@@ -132,11 +133,14 @@ def ours_options(method: str, lr: float, epochs: int) -> dict:
     parameters) and ``+head`` (the fresh head at 3x the adapters' rate)."""
     schedule, *flags = method.removeprefix("ours-").split("+")
     unknown = set(flags) - {"params", "head"}
-    if schedule not in ("paper", "recommended") or unknown:
+    if schedule not in ("paper", "paper0", "recommended") or unknown:
         raise SystemExit(f"unknown method {method!r}")
-    options = {"adalora_preset": schedule, "adalora_budget_unit": "params" if "params" in flags else "triplets"}
+    options = {"adalora_preset": schedule.removesuffix("0")}
+    options["adalora_budget_unit"] = "params" if "params" in flags else "triplets"
     if schedule == "paper":
         options.update(adalora_tinit=_tinit(epochs), adalora_tfinal=_tfinal(epochs))
+    elif schedule == "paper0":  # what `train` gave by default before: PEFT's tinit 0, tfinal 0
+        options.update(adalora_tinit=0, adalora_tfinal=0)
     if "head" in flags:
         options["head_lr"] = 3 * lr
     return options

@@ -106,7 +106,7 @@ class TrainArgs:
         choices=BUDGET_UNITS,
     )
     adalora_preset: str = option(
-        "paper",
+        "recommended",
         "paper: PEFT's algorithm, the schedule as given. recommended: tinit 10%, tfinal 50% of the steps, no "
         "orthogonal term once ranks are frozen, budget in parameters (BENCHMARKS.md); explicit flags win.",
         choices=PRESETS,

@@ -20,9 +20,16 @@ from adalora_export.toy import write_toy_model
 from adalora_export.training import train
 from adalora_export.training.checkpoint import load_checkpoint
 
-# Short runs: 12 optimizer steps, budget phase 3..8, final shrink at step 8 (tfinal 4).
+# Short runs: 12 optimizer steps, budget phase 3..8, final shrink at step 8 (tfinal 4), the paper's
+# algorithm (budgets in triplets); the default preset has tests of its own below.
 SCHEDULE = dict(
-    adalora_init_r=4, adalora_target_r=2, adalora_tinit=2, adalora_tfinal=4, adalora_deltaT=2, lora_alpha=16
+    adalora_init_r=4,
+    adalora_target_r=2,
+    adalora_tinit=2,
+    adalora_tfinal=4,
+    adalora_deltaT=2,
+    lora_alpha=16,
+    adalora_preset="paper",
 )
 
 
