@@ -377,6 +377,12 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=None)
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="runs in parallel, 1 thread each")
     parser.add_argument("--out", default="bench/_out/planted.json")
+    parser.add_argument(
+        "--fixed-lrs",
+        default=None,
+        metavar="ADA,LORA",
+        help="skip the tuning: these rates for AdaLoRA and LoRA methods (e.g. the ones tuning chose)",
+    )
     args = parser.parse_args()
     bases = (args.bases or ("llama" if args.quick else "llama,minilm")).split(",")
     seeds = list(range(args.seeds or (1 if args.quick else 3)))
@@ -396,12 +402,15 @@ def main() -> None:
             return pool.submit(job, *key, method, lr, seed, str(out_dir), infos[key])
 
         # 1. learning rates, on seed 100 (all submitted at once, so both workers stay busy)
+        fixed = dict(zip(("ada", "lora"), map(float, args.fixed_lrs.split(",")))) if args.fixed_lrs else None
         tuning = {
-            (key, m): {} if args.quick else {lr: submit(key, m, lr, 100) for lr in lr_grid(SETUPS[key[0]], m)}
+            (key, m): {} if args.quick or fixed else {lr: submit(key, m, lr, 100) for lr in lr_grid(SETUPS[key[0]], m)}
             for key in keys for m in (chosen_methods or SETUPS[key[0]].methods)
         }  # fmt: skip
-        chosen = {  # --quick: no tuning, the grid's last rate
-            km: min(runs, key=lambda lr: runs[lr].result()["rel_mse"]) if runs else lr_grid(SETUPS[km[0][0]], km[1])[-1]
+        chosen = {  # --quick: no tuning, the grid's last rate; --fixed-lrs: those
+            km: min(runs, key=lambda lr: runs[lr].result()["rel_mse"]) if runs
+            else fixed["ada" if METHODS[km[1]]["kind"] in ("ours", "peft") else "lora"] if fixed
+            else lr_grid(SETUPS[km[0][0]], km[1])[-1]
             for km, runs in tuning.items()
         }  # fmt: skip
         # 2. the seeds at the chosen rates

@@ -245,19 +245,24 @@ def evaluate(method, lr, seed, epochs, files, work, split) -> dict:
 
 
 def plot(results: list[dict], path: Path) -> None:
+    """Test accuracy against final adapter parameters, one marker per method and seed; the head alone
+    (no adapter) as a dashed line at its mean."""
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(7, 4.5))
+    fig = Figure(figsize=(7.5, 4.8))
     ax = fig.add_subplot()
+    markers = "os^vD<>pXP*h"
     for i, method in enumerate(sorted({r["method"] for r in results})):
         rows = [r for r in results if r["method"] == method]
-        ax.scatter([max(r["final_params"], 1) for r in rows], [r["accuracy"] for r in rows], label=method,
-                   marker="os^vD<>p"[i % 8])  # fmt: skip
-    ax.set_xscale("log")
-    ax.set_xlabel("final adapter parameters (head excluded; head-only drawn at 1)")
+        if method == "head-only":
+            ax.axhline(float(np.mean([r["accuracy"] for r in rows])), ls="--", color="gray", label="head-only (mean)")
+            continue
+        ax.scatter([r["final_params"] for r in rows], [r["accuracy"] for r in rows], label=method,
+                   marker=markers[i % len(markers)])  # fmt: skip
+    ax.set_xlabel("final adapter parameters (head excluded)")
     ax.set_ylabel("test accuracy")
-    ax.set_title("Debian package sections, MiniLM")
-    ax.legend(fontsize=8)
+    ax.set_title("Debian package sections, MiniLM (one marker per method and seed)")
+    ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
@@ -273,7 +278,12 @@ def main() -> None:
                         help="ours-SCHEDULE[+params][+head] (paper or recommended), peft-adalora, peft-lora-rN, "
                         "head-only")  # fmt: skip
     parser.add_argument("--plot", default=str(Path(__file__).resolve().parents[1] / "docs" / "real_task.png"))
+    parser.add_argument("--replot", metavar="LOG", help="only redraw the plot from a run's stderr (its JSON lines)")
     args = parser.parse_args()
+    if args.replot:
+        lines = Path(args.replot).read_text().splitlines()
+        plot([json.loads(line) for line in lines if line.startswith("{")], Path(args.plot))
+        return
     seeds, epochs, lrs = (
         (1, 2, [1e-2]) if args.quick else (args.seeds, args.epochs, [float(x) for x in args.lrs.split(",")])
     )
