@@ -473,3 +473,16 @@ def torch_forward(base_dir: Path, adapter, feeds: dict, task=None):
         kwargs["use_cache"] = False
     with torch.no_grad():
         return model(**kwargs)[0].float().numpy()
+
+
+def assert_within_budget(run_dir: Path) -> None:
+    """A finished run's adapter spends its budget: exactly (triplets) or, in parameters, at most LoRA at
+    target_r's size and more than 80% of it (the next-best triplet did not fit)."""
+    from adalora_export.sources import load_adapter
+
+    pattern = json.loads((Path(run_dir) / "rank_pattern.json").read_text())
+    adapter = load_adapter(Path(run_dir) / "adapter")
+    if pattern["budget_unit"] == "triplets":
+        assert 0 < sum(adapter.rank_pattern.values()) == pattern["budget"]
+    else:
+        assert 0.8 * pattern["budget"] < adapter.num_parameters() <= pattern["budget"]
