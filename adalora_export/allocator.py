@@ -37,16 +37,9 @@ class RankAllocator:
         self.config = config
         self.total_step = total_step
         self.layers: list[tuple[str, SVDLinear]] = list(adapted_layers(model))
-        # What one triplet of each layer costs in the budget's unit: 1, or its in + out + 1 parameters.
-        self.triplet_costs = [
-            1 if config.budget_unit == "triplets" else layer.in_features + layer.out_features + 1
-            for _, layer in self.layers
-        ]
-        self.init_budget = sum(layer.init_r * cost for (_, layer), cost in zip(self.layers, self.triplet_costs))
-        if config.budget_unit == "triplets":
-            self.target_budget = config.target_r * len(self.layers)
-        else:  # LoRA's size at rank target_r: r (in + out) per matrix, so ours (with E) is never larger
-            self.target_budget = config.target_r * sum(cost - 1 for cost in self.triplet_costs)
+        shapes = [(layer.in_features, layer.out_features) for _, layer in self.layers]
+        self.triplet_costs = [config.triplet_cost(*shape) for shape in shapes]  # in the budget's unit
+        self.init_budget, self.target_budget = config.budgets(shapes)
         self.rank_pattern: dict[str, list[bool]] | None = None  # set at the final phase, then frozen
         self.current_mask: dict[str, list[bool]] | None = None  # the mask in force (None: all kept)
         self.final_importance: dict[str, list[float]] | None = None  # scores of the kept triplets, at the final mask

@@ -107,6 +107,19 @@ class AdaLoraConfig:
                 f"- adalora_tfinal ({self.tfinal}); lower tinit/tfinal or train longer"
             )
 
+    def triplet_cost(self, in_features: int, out_features: int) -> int:
+        """What one triplet of an (out x in) matrix costs in the budget's unit: 1, or in + out + 1 parameters."""
+        return 1 if self.budget_unit == "triplets" else in_features + out_features + 1
+
+    def budgets(self, shapes: list[tuple[int, int]]) -> tuple[int, int]:
+        """(initial, final) budget over matrices of (in, out) features: init_r and target_r triplets
+        each, or in parameters init_r triplets each and LoRA's own size at rank target_r (r (in + out)
+        per matrix), so an adapter within it is never larger than that LoRA."""
+        initial = sum(self.init_r * self.triplet_cost(i, o) for i, o in shapes)
+        if self.budget_unit == "triplets":
+            return initial, self.target_r * len(shapes)
+        return initial, self.target_r * sum(i + o for i, o in shapes)
+
     @property
     def scale(self) -> float:
         """The AdaLoRA scale lora_alpha / (init_r + 1e-5); ranknum stays init_r after pruning."""

@@ -48,11 +48,7 @@ def adapter_summary(adapter: CompactAdapter) -> dict[str, Any]:
     """
     cfg = adapter.config
     n = len(adapter.modules)
-    in_out = [m.in_features + m.out_features for m in adapter.modules.values()]
-    if cfg.budget_unit == "triplets":
-        budget, initial_budget = cfg.target_r * n, cfg.init_r * n
-    else:
-        budget, initial_budget = cfg.target_r * sum(in_out), cfg.init_r * (sum(in_out) + n)
+    initial_budget, budget = cfg.budgets([(m.in_features, m.out_features) for m in adapter.modules.values()])
     modules = []
     for path, m in adapter.modules.items():
         entry = {

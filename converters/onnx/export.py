@@ -251,13 +251,13 @@ def _cast_base(model: nn.Module, dtype: torch.dtype) -> None:
             if param is None or not param.is_floating_point() or param.dtype == dtype:
                 continue
             old = param.data
-            if old.element_size() != torch.empty(0, dtype=dtype).element_size() or not old.is_contiguous():
+            if old.element_size() != dtype.itemsize or not old.is_contiguous():
                 param.data = old.to(dtype)
                 continue
-            new, flat = old.view(dtype), old.view(-1)
-            for start in range(0, flat.numel(), 2**22):
-                new.view(-1)[start : start + 2**22] = flat[start : start + 2**22].to(dtype)  # read, then write
-            param.data = new
+            src, dst = old.view(-1), old.view(dtype).view(-1)
+            for start in range(0, src.numel(), 2**22):
+                dst[start : start + 2**22] = src[start : start + 2**22].to(dtype)  # read the block, then write it
+            param.data = dst.view(old.shape)
 
 
 def _manifest(

@@ -141,14 +141,14 @@ class GraphWrapper(nn.Module):
 def _parameters_replaced(model: nn.Module, tensors: dict[str, torch.Tensor]) -> Iterator[None]:
     """Let ``tensors`` stand in for the parameters of the same names (and every tied alias of them,
     such as an output head sharing the embedding), restoring them afterwards."""
-    aliases: dict[int, list[str]] = {}
+    names_of: dict[int, list[str]] = {}
     for name, param in model.named_parameters(remove_duplicate=False):
-        aliases.setdefault(id(param), []).append(name)
-    by_name = dict(model.named_parameters(remove_duplicate=False))
+        names_of.setdefault(id(param), []).append(name)
+    aliases = {name: names for names in names_of.values() for name in names}
     saved = []
     try:
         for name, tensor in tensors.items():
-            for alias in aliases.get(id(by_name[name]), [name]) if name in by_name else [name]:
+            for alias in aliases.get(name, [name]):
                 owner_path, _, attr = alias.rpartition(".")
                 owner = model.get_submodule(owner_path) if owner_path else model
                 saved.append((owner, attr, owner._parameters[attr]))
@@ -270,9 +270,9 @@ def save_graph(model: onnx.ModelProto, directory: Path, external: dict[str, torc
                 raise RuntimeError(f"weight {name} is {tensor.dtype}, not fp32 or fp16")
             data.write(b"\0" * (-data.tell() % 4096))
             offset = data.tell()
-            rows = max(1, 2**24 // max(1, tensor[0].numel() * tensor.element_size())) if tensor.dim() else 1
-            for start in range(0, max(1, len(tensor)) if tensor.dim() else 1, rows):  # a transposed view: by blocks
-                block = tensor[start : start + rows] if tensor.dim() else tensor
+            row_bytes = tensor[0].numel() * tensor.element_size() if tensor.dim() else 1
+            blocks = tensor.split(max(1, 2**24 // max(1, row_bytes))) if tensor.dim() else (tensor,)
+            for block in blocks:  # a transposed view is copied a block of rows at a time
                 data.write(memoryview(block.contiguous().numpy()).cast("B"))
             nbytes = data.tell() - offset
             init = onnx.TensorProto(name=name, dims=tensor.shape, data_type=_ONNX_TYPES[tensor.dtype])

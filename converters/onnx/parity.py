@@ -146,12 +146,10 @@ def _in_fp32(model: nn.Module) -> Iterator[None]:
 
 def _linear_in_fp32(module: nn.Linear, x: torch.Tensor, block_bytes: int = 2**26) -> torch.Tensor:
     """``module(x)`` in fp32, the weight cast a block of output rows at a time."""
-    weight, bias = module.weight, module.bias
+    weight, bias, x = module.weight, module.bias, x.float()
     rows = max(1, block_bytes // (4 * weight.shape[1]))
     outs = [
-        nn.functional.linear(
-            x.float(), weight[i : i + rows].float(), None if bias is None else bias[i : i + rows].float()
-        )
+        nn.functional.linear(x, weight[i : i + rows].float(), None if bias is None else bias[i : i + rows].float())
         for i in range(0, weight.shape[0], rows)
     ]
     return outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1)
