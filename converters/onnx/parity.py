@@ -24,6 +24,7 @@ from adalora_export.hf import CAUSAL_LM, SEQ_CLS
 
 from .graph import GraphSpec, GraphWrapper, graph_spec
 from .layout import ADAPTER_FILE
+from .partition import DEFAULT_PART_BYTES, run_in_parts
 
 _QUIET = 3  # onnxruntime log severity: errors only (no "initializer in graph inputs" warnings)
 
@@ -172,8 +173,12 @@ def check_parity(
     refs: list[tuple[torch.Tensor, ...]],
     base_refs: list[tuple[torch.Tensor, ...]] | None,
     tolerance: float,
+    part_bytes: int = DEFAULT_PART_BYTES,
 ) -> dict:
     """Run onnxruntime (CPU) on every sample, compare with torch, raise UserError past ``tolerance``.
+
+    The graph runs in parts of about ``part_bytes`` of weights (``partition.run_in_parts``), so the
+    check holds one part's weights at a time, not the whole graph's.
 
     Adapter-input graphs (``base_refs`` given) are checked twice: with their adapter
     (``adapter.onnx_adapter`` beside the graph) active against base + adapter, and with none
@@ -181,7 +186,6 @@ def check_parity(
     """
     import onnxruntime as ort
 
-    session = _cpu_session(model_path)
     float_type = np.float16 if manifest["dtype"] == "fp16" else np.float32
     runs = [_Run("adapter", refs)]
     if base_refs is not None:
@@ -190,12 +194,16 @@ def check_parity(
         options = ort.RunOptions()
         options.add_active_adapter(lora)
         runs = [_Run("adapter", refs, options), _Run("none", base_refs)]
+    feeds = [
+        {k: v.numpy().astype(float_type) if v.is_floating_point() else v.numpy() for k, v in sample.items()}
+        for sample in samples
+    ]
+    jobs = [(sample_feeds, run.options) for run in runs for sample_feeds in feeds]
+    outputs = iter(run_in_parts(model_path, jobs, spec.output_names, _cpu_session, part_bytes))
     checks = []
     for run in runs:
         for sample, ref in zip(samples, run.references):
-            feeds = {k: v.numpy().astype(float_type) if v.is_floating_point() else v.numpy() for k, v in sample.items()}
-            outputs = session.run(spec.output_names, feeds, run.options)
-            checks += _compare(spec, sample, run.adapter, outputs, ref)
+            checks += _compare(spec, sample, run.adapter, next(outputs), ref)
     worst = 0.0
     for check in checks:  # a running max, as the figures came
         worst = max(worst, check["relative_error"])
@@ -256,7 +264,8 @@ def _cpu_session(model_path: Path):
     (2.9 GB for the 1.4 GB fp16 graph of a 748M model); the arena then keeps each run's casts. At
     this level, without the arena and in priority order (the default order runs every weight's Cast
     first, as nothing feeds them), the weights stay mapped from the data file and each cast lives
-    only until its MatMul: 1.6 GB at the peak of a run.
+    only until its MatMul (``check_parity`` also runs the graph in parts, so only one part's weights
+    are mapped at a time).
     """
     import onnxruntime as ort
 

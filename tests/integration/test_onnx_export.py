@@ -197,6 +197,55 @@ def test_fp16_graphs_are_traced_in_fp16_and_meet_the_bound(workdir, bases, arch,
         assert {c["adapter"] for c in manifest["parity"]["checks"]} == {"adapter", "none"}
 
 
+@pytest.mark.parametrize("arch, kind, dtype", [("llama", "adapter_inputs", "fp32"), ("llama", "rank_compact", "fp16")])
+def test_the_check_runs_a_graph_in_parts_as_onnxruntime_runs_it_whole(workdir, bases, arch, kind, dtype):
+    """The export's check runs its graph part by part (one part's weights mapped at a time); cut at
+    every weight, the parts give what one whole session gives, cache and adapter included."""
+    import onnxruntime as ort
+
+    from adalora_export.converters.onnx.parity import _cpu_session
+    from adalora_export.converters.onnx.partition import run_in_parts, split_graph, value_types
+
+    base_dir, adapter = bases[arch]
+    out = workdir / f"{arch}-{kind}-{dtype}-past"
+    manifest = export_onnx(adapter, base_dir, out, kind=OnnxKind(kind), dtype=dtype, with_past=True)
+    graph = onnx.load(str(out / "model.onnx"), load_external_data=False)
+    parts = split_graph(graph, value_types(graph), part_bytes=1)
+    assert len(parts) > 2 * manifest["cache"]["num_layers"]  # at least one part per adapted layer's weights
+    assert sum(len(p.nodes) for p in parts) == len(graph.graph.node)
+
+    whole = _cpu_session(out / "model.onnx")
+    float_type = np.float16 if dtype == "fp16" else np.float32
+    past = {i.name: i for i in whole.get_inputs() if i.name.startswith("past_key_values.")}
+    outputs = [o.name for o in whole.get_outputs()]
+    options = [None]
+    if kind == "adapter_inputs":
+        lora = ort.LoraAdapter()
+        lora.Load(str(out / ADAPTER_FILE))
+        options.append(ort.RunOptions())
+        options[-1].add_active_adapter(lora)
+    jobs = []
+    for batch, length, cached in [(2, 5, 3), (1, 1, 7), (3, 4, 0)]:
+        feeds = causal_feeds(batch, cached + length, seed=length)
+        feeds = {k: v[:, -length:] if k != "attention_mask" else v for k, v in feeds.items()}
+        rng = np.random.default_rng(cached)
+        for name, info in past.items():
+            heads, head_dim = info.shape[1], info.shape[3]
+            feeds[name] = rng.standard_normal((batch, heads, cached, head_dim)).astype(float_type)
+        jobs += [(feeds, option) for option in options]
+    want = [whole.run(outputs, feeds, option) for feeds, option in jobs]
+    got = run_in_parts(out / "model.onnx", jobs, outputs, _cpu_session, part_bytes=1)
+    # fp16: inside one session onnxruntime drops the fp16 round trips between its fp32 kernels; a cut
+    # materializes each crossing value in its declared fp16, so cut at every weight they differ by ulps
+    bound = 5e-3 if dtype == "fp16" else 1e-5
+    for job_got, job_want in zip(got, want):
+        for name, g, w in zip(outputs, job_got, job_want):
+            assert g.shape == w.shape and relative_error(g, w) <= bound, name
+    assert not list(out.glob(".part-*")), "part files are removed"
+    if kind == "adapter_inputs":  # the adapter really was active in its jobs
+        assert relative_error(got[1][0], got[0][0]) > 1e-3
+
+
 # -- hot-swapping -----------------------------------------------------------------------------------
 
 
