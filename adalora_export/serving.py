@@ -215,6 +215,12 @@ class OnnxServer:
         return self.session.get_providers()[0]
 
     @property
+    def genai_model(self):
+        """The ``onnxruntime_genai.Model`` this server drives (optimized graphs), else None: for
+        callers that want onnxruntime-genai's own API on the model already loaded."""
+        return self._genai
+
+    @property
     def with_past(self) -> bool:
         return bool(self.manifest.get("with_past"))
 

@@ -45,6 +45,7 @@ def test_fp32_graph_matches_torch_and_serves_batches_and_streams(built, capsys):
     adapter = load_adapter(adapter_dir)
     model = adapter.apply_to(load_base(adapter, base))
     server = OnnxServer(graphs["fp32"])
+    assert server.session is None and type(server.genai_model).__name__ == "Model"  # onnxruntime-genai drives it
     tokenizer = server.tokenizer
     eos = set(manifest.get("eos_token_ids") or [tokenizer.eos_token_id])
     chosen = PROMPTS + [PROMPTS[1].replace("dog", "cat")]  # two of one length share a generator
@@ -59,6 +60,24 @@ def test_fp32_graph_matches_torch_and_serves_batches_and_streams(built, capsys):
     capsys.readouterr()
     assert run_cli("infer", str(graphs["fp32"]), "--prompt", chosen[0], "--max_new_tokens", "6") == 0
     assert capsys.readouterr().out.strip() == texts[0].strip()
+
+
+def test_a_row_that_onnxruntime_genai_ends_itself_ends_the_stream(built, tmp_path):
+    """When onnxruntime-genai ends a row on an end token only its own config names (it then pads the row
+    with token 0 to max_length), OnnxServer's stream ends there too."""
+    import shutil
+
+    _, _, graphs, _ = built
+    prompt = OnnxServer(graphs["fp32"]).tokenizer(PROMPTS[0])["input_ids"]
+    first = OnnxServer(graphs["fp32"]).generate_ids(prompt, 6)
+    graph = tmp_path / "own-eos"
+    shutil.copytree(graphs["fp32"], graph)
+    config = json.loads((graph / "genai_config.json").read_text())
+    config["model"]["eos_token_id"] = [first[1]]  # onnxruntime-genai alone stops at the second token
+    (graph / "genai_config.json").write_text(json.dumps(config))
+    manifest = json.loads((graph / "onnx_manifest.json").read_text())
+    assert first[1] not in (manifest.get("eos_token_ids") or [])
+    assert OnnxServer(graph).generate_ids(prompt, 6) == first[:2]
 
 
 def test_int4_is_held_to_its_own_bound(built, capsys):
