@@ -127,6 +127,7 @@ def measure(routes: dict, batch: list[list[int]], new: int, rounds: int) -> dict
     results: dict[str, list[tuple[float, float]]] = {name: [] for name in routes}
     for round_ in range(rounds + 1):
         for name, route in routes.items():
+            time.sleep(0.2)  # the last route's onnxruntime threads spin a while after their run: let them stop
             first, rest, tokens = timed_steps(route(batch, new))
             if round_:
                 results[name].append((first, tokens / rest))

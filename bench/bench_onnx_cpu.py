@@ -90,17 +90,49 @@ def feeds_for(batch: int, vocab: int) -> dict[str, np.ndarray]:
     }
 
 
-def best_ms(runs: dict, warmup: int, reps: int) -> dict[str, float]:
+def best_ms(runs: dict, warmup: int, reps: int, pause: float = 0.2) -> dict[str, float]:
     """Best wall time of each run over ``reps``, the runs taken in turn (a drifting load hits them all
-    alike; the best of several is what the code costs when nothing else gets in the way)."""
+    alike; the best of several is what the code costs when nothing else gets in the way).
+
+    Each run starts ``pause`` seconds after the one before: onnxruntime's and torch's thread pools
+    spin-wait a while after their work, and on two cores the last session's spinning threads took
+    CPU from the next run (measured: rank-compact at 1.75x the merged graph when timed right after
+    it, 1.03x alone, hidden 512 at 1 x 128).
+    """
     times: dict[str, list[float]] = {name: [] for name in runs}
     for rep in range(warmup + reps):
         for name, run in runs.items():
+            time.sleep(pause)
             start = time.perf_counter()
             run()
             if rep >= warmup:
                 times[name].append(time.perf_counter() - start)
     return {name: min(t) * 1e3 for name, t in times.items()}
+
+
+def kernel_ms(model_path: Path, feeds: dict, threads: int, reps: int, workdir: Path) -> float:
+    """The summed time of the graph's nodes per run, from onnxruntime's own profiler (mean over
+    ``reps`` runs after one): what the nodes cost, without the wall clock's scheduling noise (a
+    2-core VM's other tenants, thread wake-ups) but also without the executor's time between nodes."""
+    import json
+
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    options.intra_op_num_threads = threads
+    options.enable_profiling = True
+    options.profile_file_prefix = str(workdir / "profile")
+    session = ort.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
+    for _ in range(reps + 1):
+        session.run(["logits"], feeds)
+    trace = Path(session.end_profiling())
+    events = json.loads(trace.read_text())
+    trace.unlink()
+    runs = [e for e in events if e.get("name") == "model_run"]
+    first_end = runs[0]["ts"] + runs[0]["dur"]  # the first run warms up
+    nodes = [e for e in events if e.get("cat") == "Node" and e["name"].endswith("_kernel_time") and e["ts"] > first_end]
+    return sum(e["dur"] for e in nodes) / reps / 1e3
 
 
 class CpuWatch:
@@ -141,12 +173,13 @@ def bench_model(hidden: int, layers: int, warmup: int, reps: int, threads: int, 
         "ORT rank-compact": (adapter, False),
         "ORT init_r zeros": (padded, False),
     }
-    sessions, parity = {}, 0.0
+    sessions, paths, parity = {}, {}, 0.0
     for i, (name, (which, merge)) in enumerate(graphs.items()):
         out = workdir / f"graph-{hidden}-{i}"
         manifest = export_onnx(which, base_dir, out, kind=OnnxKind.MERGED if merge else OnnxKind.RANK_COMPACT)
         parity = max(parity, manifest["parity"]["max_relative_error"])
         sessions[name] = create_session(out / "model.onnx", "cpu", threads=threads)
+        paths[name] = out / "model.onnx"
     merged = unwrap_adapters(adapter.apply_to(model))
     rows = []
     for batch in BATCHES:
@@ -163,6 +196,7 @@ def bench_model(hidden: int, layers: int, warmup: int, reps: int, threads: int, 
         with CpuWatch() as watch:
             row = best_ms(runs, warmup, reps)
         row.update(hidden=hidden, layers=layers, batch=batch, others=watch.share, parity=parity)
+        row["kernel"] = {name: kernel_ms(path, feeds, threads, reps, workdir) for name, path in paths.items()}
         rows.append(row)
         print(f"  batch {batch}: done ({watch.wall:.0f} s)", file=sys.stderr)
     return rows
@@ -186,17 +220,20 @@ def main() -> None:
 
 def report(rows: list[dict], quick: bool, threads: int, reps: int) -> None:
     header = (
-        "| model | batch x seq | " + " | ".join(VARIANTS) + " | ORT merged / torch | compact / merged | others' CPU |"
+        "| model | batch x seq | "
+        + " | ".join(VARIANTS)
+        + " | ORT merged / torch | compact / merged | compact / merged, node time | others' CPU |"
     )
     print(header)
     print("|" + "---|" * (header.count("|") - 1))
     goals = []
     for r in rows:
         ratio, overhead = r["ORT merged"] / r["torch eager merged"], r["ORT rank-compact"] / r["ORT merged"]
+        node_overhead = r["kernel"]["ORT rank-compact"] / r["kernel"]["ORT merged"]
         times = " | ".join(f"{r[v]:.1f} ms" for v in VARIANTS)
         print(
             f"| h{r['hidden']} x {r['layers']}L | {r['batch']} x {SEQ} | {times} | {ratio:.2f} | {overhead:.3f} "
-            f"| {r['others']:.0%} of a core |"
+            f"| {node_overhead:.3f} | {r['others']:.0%} of a core |"
         )
         where = f"h{r['hidden']} batch {r['batch']}"
         goals += [
