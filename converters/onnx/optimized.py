@@ -16,7 +16,8 @@ onnxruntime-genai's ``og.Adapters`` (and ``OnnxServer.set_adapter``) swap ``.onn
 of any per-layer ranks per request. The builder only bakes a LoRA in (``adapter_path``), so we let it
 build the branches from our uniform LoRA export and then turn their weights into inputs (int4
 builds quantize the branch weights too; those nodes go back to float MatMuls, since an adapter's
-weights come from the file at run time).
+weights come from the file at run time). The builder also unpacks q, k and v when it bakes a LoRA in;
+``_pack_qkv`` packs them back into one projection, as its merged graph has them.
 """
 
 from __future__ import annotations
@@ -246,9 +247,84 @@ def _branches_as_inputs(directory: Path, adapter: CompactAdapter) -> dict[str, d
     missing = sorted(set(adapter.modules) - set(branches))
     if missing:
         raise UserError(f"the builder made no LoRA branch for adapter module {missing[0]}")
+    _pack_qkv(graph)
     (directory / DATA_FILE).unlink(missing_ok=True)
     onnx.save(model, str(directory / MODEL_FILE), save_as_external_data=True, location=DATA_FILE)
     return branches
+
+
+def _pack_qkv(graph) -> None:
+    """Pack each layer's q, k and v projections back into one, as the builder's merged graph has them.
+
+    Why: given an adapter the builder unpacks them (three MatMulNBits, each plus its branch's Add,
+    feeding GroupQueryAttention separately); at batch 1 the time goes per node. Packed: one MatMul(NBits)
+    over the three weights concatenated along N (the same quantized blocks, so the same numbers), the
+    three branch outputs Concat'ed and added once, and GroupQueryAttention reading packed QKV. The
+    branches themselves stay one per module, each with its own rank axis.
+    """
+    import onnx
+    from onnx import helper, numpy_helper
+
+    producers = {out: node for node in graph.node for out in node.output}
+    inits = {t.name: t for t in graph.initializer}
+    removed_nodes, removed_inits, additions = set(), set(), {}
+    for attention in (n for n in graph.node if n.op_type == "GroupQueryAttention"):
+        adds = [producers.get(name) for name in attention.input[:3]]
+        if any(a is None or a.op_type != "Add" for a in adds):
+            continue  # already packed, or not the builder's LoRA pattern
+        bases = [producers.get(a.input[0]) for a in adds]
+        if any(b is None or b.op_type not in ("MatMul", "MatMulNBits") for b in bases):
+            continue
+        if len({b.op_type for b in bases}) != 1 or len({b.input[0] for b in bases}) != 1:
+            continue
+        if any(w not in inits for b in bases for w in b.input[1:] if w):
+            continue
+        prefix = bases[0].name.rsplit("/q_proj/", 1)[0]
+        packed_out = f"{prefix}/qkv_proj/MatMul/output_0"
+        delta, summed = f"{prefix}/qkv_proj/lora/Concat/output_0", f"{prefix}/qkv_proj/lora/Add/output_0"
+        weights = []
+        for index in range(1, len(bases[0].input)):  # B, scales (and zero points) of MatMulNBits; W of MatMul
+            arrays = [numpy_helper.to_array(inits[b.input[index]]) for b in bases]
+            axis = 1 if bases[0].op_type == "MatMul" else 0  # MatMul's W is K x N; MatMulNBits' tensors lead with N
+            name = f"{prefix.lstrip('/').replace('/', '.')}.qkv_proj.{bases[0].input[index].rsplit('.', 1)[-1]}"
+            weights.append(numpy_helper.from_array(np.concatenate(arrays, axis=axis), name))
+        attrs = {a.name: helper.get_attribute_value(a) for a in bases[0].attribute}
+        if bases[0].op_type == "MatMulNBits":
+            attrs["N"] = sum(helper.get_attribute_value(next(a for a in b.attribute if a.name == "N")) for b in bases)
+        suffix = "MatMul_Q4" if bases[0].op_type == "MatMulNBits" else "MatMul"
+        nodes = [
+            helper.make_node(
+                bases[0].op_type,
+                [bases[0].input[0]] + [w.name for w in weights],
+                [packed_out],
+                name=f"{prefix}/qkv_proj/{suffix}",
+                domain=bases[0].domain,
+                **attrs,
+            ),
+            helper.make_node(
+                "Concat", [a.input[1] for a in adds], [delta], name=f"{prefix}/qkv_proj/lora/Concat", axis=-1
+            ),
+            helper.make_node("Add", [packed_out, delta], [summed], name=f"{prefix}/qkv_proj/lora/Add"),
+        ]
+        additions[attention.name] = nodes
+        graph.initializer.extend(weights)
+        removed_nodes.update(n.name for n in bases + adds)
+        removed_inits.update(w for b in bases for w in b.input[1:] if w)
+        attention.input[0], attention.input[1], attention.input[2] = summed, "", ""
+    if not additions:
+        return
+    kept = []  # copies: the graph's own node messages go when the field is cleared
+    for node in graph.node:
+        if node.name in removed_nodes:
+            continue
+        kept.extend(additions.get(node.name, []) if node.op_type == "GroupQueryAttention" else [])
+        kept.append(onnx.NodeProto())
+        kept[-1].CopyFrom(node)
+    del graph.node[:]
+    graph.node.extend(kept)
+    remaining = [t for t in graph.initializer if t.name not in removed_inits]
+    del graph.initializer[:]
+    graph.initializer.extend(remaining)
 
 
 @torch.no_grad()

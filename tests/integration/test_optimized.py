@@ -97,6 +97,29 @@ def test_int4_is_held_to_its_own_bound(built, capsys):
     assert len(OnnxServer(tmp / "int4").generate(PROMPTS[0], 4)) > 0
 
 
+def test_int4_adapter_inputs_repack_qkv_without_changing_a_number(built, monkeypatch):
+    """Given an adapter the builder unpacks q, k and v; we pack them back into one MatMulNBits (their
+    quantized blocks concatenated) with one Add of the three branches: fewer nodes, the same figures."""
+    import onnx
+
+    from adalora_export.converters.onnx import export_optimized, optimized
+
+    base, adapter_dir, _, tmp = built
+    adapter = load_adapter(adapter_dir)
+    packed = export_optimized(adapter, base, tmp / "int4_packed", dtype="int4", tolerance=10.0, adapter_inputs=True)
+    monkeypatch.setattr(optimized, "_pack_qkv", lambda graph: None)
+    unpacked = export_optimized(adapter, base, tmp / "int4_unpacked", dtype="int4", tolerance=10.0, adapter_inputs=True)
+    nodes = {
+        name: [n.op_type for n in onnx.load(str(tmp / name / "model.onnx"), load_external_data=False).graph.node]
+        for name in ("int4_packed", "int4_unpacked")
+    }
+    layers = nodes["int4_packed"].count("GroupQueryAttention")
+    assert nodes["int4_unpacked"].count("MatMulNBits") - nodes["int4_packed"].count("MatMulNBits") == 2 * layers
+    assert len(nodes["int4_unpacked"]) - len(nodes["int4_packed"]) == 3 * layers  # -2 MatMulNBits, -2 Add, +1 Concat
+    for key in ("max_relative_error", "greedy_agreement"):
+        assert packed["parity"][key] == pytest.approx(unpacked["parity"][key], abs=1e-6), key
+
+
 @pytest.mark.parametrize(
     "flags, message",
     [
@@ -139,6 +162,13 @@ def test_adapter_inputs_on_the_builders_graph_hot_swap_adapters_of_any_ranks(bui
     manifest = json.loads((out / "onnx_manifest.json").read_text())
     assert manifest["adapter_inputs"] and manifest["parity"]["greedy_agreement"] == 1.0
     assert len({b["rank_axis"] for b in manifest["branches"].values()}) == len(manifest["branches"])  # one axis each
+    import onnx
+
+    graph = onnx.load(str(out / "model.onnx"), load_external_data=False).graph
+    attention = [n for n in graph.node if n.op_type == "GroupQueryAttention"]
+    packed = [n for n in graph.node if n.name.endswith(("qkv_proj/MatMul", "qkv_proj/MatMul_Q4"))]
+    assert len(packed) == len(attention) > 0 and all(list(n.input[1:3]) == ["", ""] for n in attention)
+    assert not [n for n in graph.node if n.name.endswith(("q_proj/MatMul", "q_proj/MatMul_Q4"))]  # repacked
     assert (
         run_cli("export", str(second), "--onnx", "--graph", str(out), "-o", str(tmp_path / "second.onnx_adapter")) == 0
     )
