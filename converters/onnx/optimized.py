@@ -279,6 +279,12 @@ def _pack_qkv(graph) -> None:
             continue
         if any(w not in inits for b in bases for w in b.input[1:] if w):
             continue
+        # Only tensors that lead with N concatenate along it: MatMul's W, MatMulNBits' B, scales and zero
+        # points (its g_idx runs along K, so a graph with one is left alone), with the same attributes.
+        if len({len(b.input) for b in bases}) != 1 or len(bases[0].input) > (2 if bases[0].op_type == "MatMul" else 4):
+            continue
+        if len({tuple((a.name, a.i) for a in b.attribute if a.name != "N") for b in bases}) != 1:
+            continue
         prefix = bases[0].name.rsplit("/q_proj/", 1)[0]
         packed_out = f"{prefix}/qkv_proj/MatMul/output_0"
         delta, summed = f"{prefix}/qkv_proj/lora/Concat/output_0", f"{prefix}/qkv_proj/lora/Add/output_0"
