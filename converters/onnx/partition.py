@@ -34,14 +34,14 @@ class GraphPart:
     weight_bytes: int = 0
     inputs: list[str] = field(default_factory=list)
     outputs: list[str] = field(default_factory=list)
+    types: dict[str, onnx.ValueInfoProto] = field(default_factory=dict)  # of inputs and outputs, once cut
 
 
-def split_graph(
-    model: onnx.ModelProto, types: dict[str, onnx.ValueInfoProto], part_bytes: int = DEFAULT_PART_BYTES
-) -> list[GraphPart]:
+def split_graph(model: onnx.ModelProto, part_bytes: int = DEFAULT_PART_BYTES) -> list[GraphPart]:
     """Cut ``model`` (loaded without its external data) into parts of at most ``part_bytes`` of
     weights each (a single larger weight gets a part of its own size). One part when it all fits,
-    or when a value that would cross a cut has no type in ``types`` (nothing to declare it with)."""
+    or when a value that would cross a cut has no inferable type (nothing to declare it with).
+    Types are inferred only when there is a cut to declare."""
     graph = model.graph
     initializers = {t.name: t for t in graph.initializer}
     graph_inputs = {v.name for v in graph.input}
@@ -79,21 +79,24 @@ def split_graph(
     for part in parts:
         part.inputs += [n for n in overridable if n not in part.inputs]
         part.initializers.update({n: initializers[n] for n in overridable})
+    types = _value_types(model)
     if any(name not in types for part in parts for name in part.inputs + part.outputs):
         whole = GraphPart(list(graph.node), initializers, sum(p.weight_bytes for p in parts))
         whole.inputs, whole.outputs = [v.name for v in graph.input], [v.name for v in graph.output]
         return [whole]
+    for part in parts:
+        part.types = {name: types[name] for name in part.inputs + part.outputs}
     return parts
 
 
-def part_model(model: onnx.ModelProto, part: GraphPart, types: dict[str, onnx.ValueInfoProto]) -> onnx.ModelProto:
+def part_model(model: onnx.ModelProto, part: GraphPart) -> onnx.ModelProto:
     """A model of one part: its nodes, its initializers (still pointing into the data file), its
-    inputs and outputs declared with the whole graph's ``types``."""
+    inputs and outputs declared with the whole graph's types."""
     graph = onnx.helper.make_graph(
         part.nodes,
         model.graph.name,
-        [types[n] for n in part.inputs],
-        [types[n] for n in part.outputs],
+        [part.types[n] for n in part.inputs],
+        [part.types[n] for n in part.outputs],
         list(part.initializers.values()),
     )
     out = onnx.ModelProto()
@@ -114,15 +117,14 @@ def run_in_parts(
     files are written beside the graph (so the data file resolves) and removed after. The whole
     graph is loaded once first, so a graph that onnxruntime refuses whole is never passed in parts."""
     model = onnx.load(str(model_path), load_external_data=False)
-    types = value_types(model)
-    parts = split_graph(model, types, part_bytes)
+    parts = split_graph(model, part_bytes)
     if len(parts) == 1:
         session = make_session(model_path)
         return [session.run(output_names, feeds, options) for feeds, options in jobs]
     make_session(model_path)  # the graph as shipped loads whole (a load maps its weights, reads none)
     values = [dict(feeds) for feeds, _ in jobs]
     for index, part in enumerate(parts):
-        with _part_file(model_path, index, part_model(model, part, types)) as path:
+        with _part_file(model_path, index, part_model(model, part)) as path:
             session = make_session(path)
             for (_, options), known in zip(jobs, values):
                 outputs = session.run(part.outputs, {n: known[n] for n in part.inputs if n in known}, options)
@@ -164,7 +166,7 @@ def _tensor_bytes(tensor: onnx.TensorProto) -> int:
     return int(np.prod(tensor.dims, dtype=np.int64)) * itemsize
 
 
-def value_types(model: onnx.ModelProto) -> dict[str, onnx.ValueInfoProto]:
+def _value_types(model: onnx.ModelProto) -> dict[str, onnx.ValueInfoProto]:
     """Every value's declared or inferred type (inference reads shapes only, never the data)."""
     try:
         inferred = onnx.shape_inference.infer_shapes(model)

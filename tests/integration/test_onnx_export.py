@@ -204,13 +204,13 @@ def test_the_check_runs_a_graph_in_parts_as_onnxruntime_runs_it_whole(workdir, b
     import onnxruntime as ort
 
     from adalora_export.converters.onnx.parity import _cpu_session
-    from adalora_export.converters.onnx.partition import run_in_parts, split_graph, value_types
+    from adalora_export.converters.onnx.partition import run_in_parts, split_graph
 
     base_dir, adapter = bases[arch]
     out = workdir / f"{arch}-{kind}-{dtype}-past"
     manifest = export_onnx(adapter, base_dir, out, kind=OnnxKind(kind), dtype=dtype, with_past=True)
     graph = onnx.load(str(out / "model.onnx"), load_external_data=False)
-    parts = split_graph(graph, value_types(graph), part_bytes=1)
+    parts = split_graph(graph, part_bytes=1)
     assert len(parts) > 2 * manifest["cache"]["num_layers"]  # at least one part per adapted layer's weights
     assert sum(len(p.nodes) for p in parts) == len(graph.graph.node)
 
