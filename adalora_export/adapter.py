@@ -6,6 +6,7 @@ This is the one in-memory object that pruning produces and every converter consu
 
 from __future__ import annotations
 
+import os
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -14,8 +15,8 @@ from torch import nn
 
 from .config import AdaLoraConfig
 from .errors import UserError
-from .hf import SEQ_CLS, infer_task, sequence_classifier_class
-from .layer import SVDLinear, is_adaptable, svd_delta, svd_factors
+from .hf import SEQ_CLS, check_head_size, load_base, sequence_classifier_class
+from .layer import SVDLinear, is_adaptable, is_adapter_parameter, svd_delta, svd_factors, weight_layout_factors
 from .model import adapted_layers, replace_module, strip_wrapper_prefix
 
 
@@ -152,8 +153,56 @@ class CompactAdapter:
     def delta_weight(self, path: str) -> torch.Tensor:
         """The update of module ``path`` in the base weight's own layout, fp32."""
         module = self.modules[path]
-        delta = module.delta(self.scale)
-        return delta.T if module.fan_in_fan_out else delta
+        left, right = weight_layout_factors(*module.factors(), module.fan_in_fan_out)
+        return (left @ right) * self.scale
+
+    def summary(self) -> dict[str, Any]:
+        """Ranks, parameters and budget of this adapter: the manifest's body and ``inspect --json``.
+
+        ``share`` is a module's part of the final budget, in the config's ``budget_unit``: its rank over
+        target_r x matrices, or its parameters over LoRA's at rank target_r. A finished adapter's shares
+        sum to at most 1 (exactly 1 in triplets); a checkpoint taken during the budget phase is above it.
+        """
+        cfg = self.config
+        n = len(self.modules)
+        initial_budget, budget = cfg.budgets([(m.in_features, m.out_features) for m in self.modules.values()])
+        modules = []
+        for path, m in self.modules.items():
+            entry = {
+                "module": path,
+                "rank": m.rank,
+                "in_features": m.in_features,
+                "out_features": m.out_features,
+                "fan_in_fan_out": m.fan_in_fan_out,
+                "parameters": m.num_parameters(),
+                "share": (m.rank if cfg.budget_unit == "triplets" else m.num_parameters()) / budget if budget else None,
+            }
+            if m.importance is not None:
+                entry["importance"] = [float(x) for x in m.importance.view(-1)]
+            modules.append(entry)
+        return {
+            "init_r": cfg.init_r,
+            "target_r": cfg.target_r,
+            "matrices": n,
+            "budget_unit": cfg.budget_unit,
+            "budget": budget,
+            "initial_budget": initial_budget,
+            "total_rank": sum(m.rank for m in self.modules.values()),
+            "total_parameters": self.num_parameters(),
+            "initial_parameters": sum(cfg.init_r * (m.in_features + m.out_features + 1) for m in self.modules.values()),
+            "rank_zero_modules": sum(1 for m in self.modules.values() if m.rank == 0),
+            "lora_parameters": self.lora_parameters(),
+            "extra_weights": {name: list(t.shape) for name, t in self.extra_weights.items()},
+            "modules": modules,
+        }
+
+    def lora_parameters(self, ranks: tuple[int, ...] = (1, 2, 4, 8, 16, 32)) -> dict[int, int]:
+        """What a fixed-rank LoRA on the same matrices would hold at each uniform rank: r (in + out) each.
+
+        The size users compare against: AdaLoRA's final adapter next to LoRA r = 1, 2, 4, ... on the same targets.
+        """
+        fan = sum(m.in_features + m.out_features for m in self.modules.values())
+        return {r: r * fan for r in ranks}
 
     @classmethod
     @torch.no_grad()
@@ -185,7 +234,7 @@ class CompactAdapter:
         extra = {
             strip_wrapper_prefix(name): p.detach().cpu().clone()
             for name, p in model.named_parameters()
-            if p.requires_grad and name.rpartition(".")[2] not in ("lora_A", "lora_E", "lora_B")
+            if p.requires_grad and not is_adapter_parameter(name)
         }
         return cls(config=config, modules=modules, extra_weights=extra, **meta)
 
@@ -232,16 +281,13 @@ class CompactAdapter:
 
     def check_head(self, base_config: dict[str, Any], base: str) -> None:
         """Fail when the base already has a classification head of another size than this adapter's."""
-        ours = self.task_info.num_labels
-        if self.task_type != SEQ_CLS or ours is None or infer_task(base_config) != SEQ_CLS:
-            return
-        # transformers leaves its default of 2 labels out of config.json
-        theirs = len(base_config.get("id2label") or {}) or base_config.get("num_labels", 2)
-        if theirs != ours:
-            raise UserError(
-                f"the adapter's classifier has {ours} labels, the head of the base model {base} has {theirs}; "
-                f"use the base it was trained on (a bare encoder, or a head of {ours} labels)"
-            )
+        if self.task_type == SEQ_CLS:
+            check_head_size(base_config, self.task_info.num_labels, base)
+
+    def load_base(self, base_dir: str | os.PathLike, *, allow_pickle: bool = False, dtype=torch.float32) -> nn.Module:
+        """The base model as this adapter was trained on it (its task, a classifier's labels and head size),
+        in eval mode, without the adapter applied (``hf.load_base``)."""
+        return load_base(base_dir, self.task_type, self.model_kwargs(), allow_pickle=allow_pickle, dtype=dtype)
 
     def merged_config(self, base_config: dict[str, Any]) -> dict[str, Any]:
         """The config.json of base + this adapter: a classifier says what it is (architecture, labels, pad)."""

@@ -15,7 +15,7 @@ from torch import nn
 
 from .config import AdaLoraConfig
 from .errors import UserError
-from .layer import SVDLinear
+from .layer import PARTS, SVDLinear
 from .model import adapted_layers
 
 
@@ -173,7 +173,7 @@ class RankAllocator:
         tensors = {}
         for i, (name, _) in enumerate(self.layers):
             if self.exp_avg_ipt:
-                for j, part in enumerate(("lora_A", "lora_E", "lora_B")):
+                for j, part in enumerate(PARTS):
                     tensors[f"{name}.{part}.exp_avg_ipt"] = self.exp_avg_ipt[3 * i + j].detach().cpu()
                     tensors[f"{name}.{part}.exp_avg_unc"] = self.exp_avg_unc[3 * i + j].detach().cpu()
         return {
@@ -198,7 +198,7 @@ class RankAllocator:
         self.reset_importance()
         tensors = state["tensors"]
         for i, (name, _) in enumerate(self.layers):
-            for j, part in enumerate(("lora_A", "lora_E", "lora_B")):
+            for j, part in enumerate(PARTS):
                 key = f"{name}.{part}"
                 if f"{key}.exp_avg_ipt" in tensors:
                     self.exp_avg_ipt[3 * i + j].copy_(tensors[f"{key}.exp_avg_ipt"])

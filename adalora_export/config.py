@@ -14,6 +14,11 @@ PRESETS = ("paper", "recommended")
 BUDGET_UNITS = ("triplets", "params")
 
 
+def lora_scale(lora_alpha: float, init_r: int) -> float:
+    """The AdaLoRA scale lora_alpha / (init_r + 1e-5); ranknum stays init_r after pruning (as PEFT)."""
+    return lora_alpha / (init_r + 1e-5)
+
+
 def recommended_schedule(total_step: int) -> dict[str, Any]:
     """The ``recommended`` preset: tinit at 10% and a final phase of 50% of ``total_step``, no orthogonal
     term once the ranks are frozen, and the budget counted in parameters.
@@ -31,6 +36,19 @@ def recommended_schedule(total_step: int) -> dict[str, Any]:
         "final_orth_reg_weight": 0.0,
         "budget_unit": "params",
     }
+
+
+def preset_schedule(preset: str, total_step: int) -> dict[str, Any]:
+    """What ``preset`` sets for a run of ``total_step`` steps: the one definition of both presets.
+
+    ``paper`` is PEFT's algorithm with PEFT's defaults (no warm-up, no final phase, triplets);
+    ``recommended`` is ``recommended_schedule``. Explicit options win over either (``TrainArgs``).
+    """
+    if preset == "paper":
+        return {"tinit": 0, "tfinal": 0, "budget_unit": "triplets"}
+    if preset == "recommended":
+        return recommended_schedule(total_step)
+    raise UserError(f"unknown preset {preset!r}: expected one of {', '.join(PRESETS)}")
 
 
 @dataclass
@@ -123,7 +141,7 @@ class AdaLoraConfig:
     @property
     def scale(self) -> float:
         """The AdaLoRA scale lora_alpha / (init_r + 1e-5); ranknum stays init_r after pruning."""
-        return self.lora_alpha / (self.init_r + 1e-5)
+        return lora_scale(self.lora_alpha, self.init_r)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -82,6 +82,39 @@ def quiet_transformers():
             logging.enable_progress_bar()
 
 
+def check_head_size(config: dict, num_labels: int | None, base: str) -> None:
+    """Fail when the base at ``base`` already has a classification head of another size than ``num_labels``."""
+    if num_labels is None or infer_task(config) != SEQ_CLS:
+        return
+    theirs = len(config.get("id2label") or {}) or config.get("num_labels", 2)  # transformers omits its default 2
+    if theirs != num_labels:
+        raise UserError(
+            f"the adapter's classifier has {num_labels} labels, the head of the base model {base} has {theirs}; "
+            f"use the base it was trained on (a bare encoder, or a head of {num_labels} labels)"
+        )
+
+
+def load_base(
+    base_dir: str | os.PathLike,
+    task: str | None = None,
+    head: dict | None = None,
+    *,
+    allow_pickle: bool = False,
+    dtype=None,
+) -> nn.Module:
+    """The base model an adapter was trained on, in eval mode: ``task`` (default: from the config's
+    architectures) and, for a classifier, ``head`` (``from_pretrained`` keyword arguments: labels, pad id).
+    A base whose own head has another size is a UserError."""
+    import torch
+
+    config = check_model_dir(base_dir)
+    head = head or {}
+    check_head_size(config, head.get("num_labels"), str(base_dir))
+    task = task if task in TASKS else infer_task(config)
+    dtype = torch.float32 if dtype is None else dtype
+    return load_pretrained(base_dir, task, allow_pickle=allow_pickle, dtype=dtype, **head).eval()
+
+
 def load_pretrained(
     path: str | os.PathLike, task: str | None = None, allow_pickle: bool = False, **kwargs
 ) -> nn.Module:

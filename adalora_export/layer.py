@@ -12,6 +12,7 @@ import sys
 import torch
 from torch import nn
 
+from .config import lora_scale
 from .errors import UserError
 
 
@@ -25,6 +26,23 @@ def _is_conv1d(module: nn.Module) -> bool:
 def is_adaptable(module: nn.Module) -> bool:
     """True for the module types an SVD adapter can wrap: nn.Linear and transformers' Conv1D."""
     return isinstance(module, nn.Linear) or _is_conv1d(module)
+
+
+PARTS = ("lora_A", "lora_E", "lora_B")  # the adapter's parameter names, in triplet order (PEFT's too)
+RANK_DIM = {"lora_A": 0, "lora_E": 0, "lora_B": 1}  # the axis of each part that runs over the triplets
+
+
+def is_adapter_parameter(name: str) -> bool:
+    """True for the name of an A, E or B parameter (any prefix): not an extra weight of the adapter."""
+    return name.rpartition(".")[2] in PARTS
+
+
+def weight_layout_factors(
+    down: torch.Tensor, up: torch.Tensor, fan_in_fan_out: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(left, right) with ``left @ right`` = ``up @ down`` in the base weight's own layout: the one place
+    the Conv1D transpose is written (Conv1D stores its weight in x out, so its rows are the update's columns)."""
+    return (down.T, up.T) if fan_in_fan_out else (up, down)
 
 
 def svd_factors(A: torch.Tensor, E: torch.Tensor, B: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -57,7 +75,7 @@ class SVDLinear(nn.Module):
             base_layer.bias.requires_grad_(False)
         self.init_r = init_r
         self.lora_alpha = lora_alpha
-        self.scale = lora_alpha / (init_r + 1e-5)
+        self.scale = lora_scale(lora_alpha, init_r)
         device = base_layer.weight.device
         # A, B ~ N(0, 0.02) and E = 0: the adapted model starts equal to the base (PEFT's init).
         self.lora_A = nn.Parameter(torch.empty(rank, self.in_features, device=device))
@@ -85,8 +103,9 @@ class SVDLinear(nn.Module):
 
     def delta_weight(self) -> torch.Tensor:
         """The update in the base weight's own layout (out x in, or in x out for Conv1D), fp32."""
-        delta = svd_delta(self.lora_A, self.lora_E, self.lora_B, self.scale)
-        return delta.T if self.fan_in_fan_out else delta
+        down, up = svd_factors(self.lora_A, self.lora_E, self.lora_B)
+        left, right = weight_layout_factors(down, up, self.fan_in_fan_out)
+        return (left @ right) * self.scale
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         result = self.base_layer(x)
@@ -114,13 +133,11 @@ class SVDLinear(nn.Module):
         """weight += sign * delta in fp32, rounded once to the weight's dtype, a block of rows at a time
         (no fp32 copy of a whole large weight: merging a 748M model stays within its own size)."""
         weight = self.base_layer.weight
-        down, up = svd_factors(self.lora_A, self.lora_E, self.lora_B)  # r x in, out x r
-        if self.fan_in_fan_out:  # Conv1D stores in x out: its rows are the update's columns
-            down, up = up.T, down.T
+        left, right = weight_layout_factors(*svd_factors(self.lora_A, self.lora_E, self.lora_B), self.fan_in_fan_out)
         rows = max(1, block_bytes // (4 * weight.shape[1]))
         for i in range(0, weight.shape[0], rows):
             block = weight[i : i + rows]
-            block.copy_((block.float() + sign * ((up[i : i + rows] @ down) * self.scale)).to(weight.dtype))
+            block.copy_((block.float() + sign * ((left[i : i + rows] @ right) * self.scale)).to(weight.dtype))
 
     @torch.no_grad()
     def prune(self, keep: torch.Tensor, optimizer: torch.optim.Optimizer | None = None) -> None:
@@ -134,7 +151,7 @@ class SVDLinear(nn.Module):
         if keep.numel() != self.rank:
             raise UserError(f"keep mask has {keep.numel()} entries for a layer of rank {self.rank}")
         index = keep.nonzero().view(-1)
-        for name, dim in (("lora_A", 0), ("lora_E", 0), ("lora_B", 1)):
+        for name, dim in RANK_DIM.items():
             old = getattr(self, name)
             new = nn.Parameter(old.detach().index_select(dim, index).contiguous(), requires_grad=old.requires_grad)
             if old.grad is not None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 
 from .adapter import CompactAdapter
-from .formats import save_adapter
+from .formats.peft import save_adapter
 from .io import check_output_path
 from .sources import load_adapter
 

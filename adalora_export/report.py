@@ -9,7 +9,6 @@ from pathlib import Path
 
 from .adapter import CompactAdapter
 from .errors import UserError
-from .formats import adapter_summary
 from .io import atomic_output_file, check_output_path
 from .sources import load_adapter
 
@@ -31,13 +30,13 @@ def inspect_adapter(
     if plot is not None:
         plot_rank_heatmap(adapter, plot, overwrite=overwrite)
     if as_json:
-        return json.dumps(adapter_summary(adapter), indent=2)
+        return json.dumps(adapter.summary(), indent=2)
     return format_table(adapter)
 
 
 def format_table(adapter: CompactAdapter) -> str:
     """One line per module (rank, shape, parameters, share of the budget), then totals against init_r."""
-    s = adapter_summary(adapter)
+    s = adapter.summary()
     width = max([len("module")] + [len(m["module"]) for m in s["modules"]])
     lines = [f"{'module':<{width}}  {'rank':>4}  {'in x out':>11}  {'params':>10}  {'share':>6}"]
     for m in s["modules"]:
@@ -59,7 +58,7 @@ def format_table(adapter: CompactAdapter) -> str:
 
 
 def budget_line(s: dict) -> str:
-    """The adapter's total against its budget, in the budget's unit (``adapter_summary``'s dict)."""
+    """The adapter's total against its budget, in the budget's unit (``CompactAdapter.summary``'s dict)."""
     n = s["matrices"]
     if s["budget_unit"] == "triplets":
         return (
@@ -152,7 +151,7 @@ def plot_rank_heatmap(adapter: CompactAdapter, png_path: str | os.PathLike, over
     ax.set_yticks(range(len(labels)), labels)
     ax.set_xlabel("module type")
     ax.set_ylabel("layer")
-    s = adapter_summary(adapter)
+    s = adapter.summary()
     budget = (
         f"budget {s['budget']} (target_r {s['target_r']} x {s['matrices']})"
         if s["budget_unit"] == "triplets"

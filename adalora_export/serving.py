@@ -21,7 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .converters.onnx.layout import (
+from .errors import UserError
+from .formats.onnx_dir import (
     ADAPTER_FILE,
     MANIFEST,
     MODEL_FILE,
@@ -29,7 +30,6 @@ from .converters.onnx.layout import (
     import_onnxruntime_genai,
     open_onnx_dir,
 )
-from .errors import UserError
 
 __all__ = [
     "ADAPTER_FILE",

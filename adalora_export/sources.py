@@ -1,9 +1,9 @@
-"""Reading any adapter source into a ``CompactAdapter``: the one place where paths become adapters.
+"""The one door from a path to a ``CompactAdapter``: whatever the path holds, it is read here.
 
 A source is a compact adapter directory (ours or PEFT's AdaLoRA save), a training state directory (a
 checkpoint or a run's ``final/``), or a training run (its ``final/``, else its latest checkpoint).
 Converters never read paths: they take the ``CompactAdapter`` this module returns, and the base
-directory ``resolve_base_dir`` picks.
+directory ``resolve_base_dir`` picks (loading that base is ``CompactAdapter.load_base``).
 """
 
 from __future__ import annotations
@@ -11,14 +11,10 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import torch
-from torch import nn
-
 from .adapter import CompactAdapter, TaskInfo
 from .errors import UserError
-from .formats import ADAPTER_CONFIG, is_adapter_dir, read_adapter_dir
-from .hf import TASKS, check_model_dir, infer_task, load_pretrained
-from .state import compact_from_state, is_state_dir, latest_checkpoint, load_adapter_state
+from .formats.peft import ADAPTER_CONFIG, is_adapter_dir, read_adapter_dir
+from .formats.state import compact_from_state, is_state_dir, latest_checkpoint, read_state_dir
 
 FINAL_STATE = "final"
 
@@ -51,7 +47,7 @@ def load_adapter(path: str | os.PathLike, allow_pickle: bool = False) -> Compact
     """
     source = find_adapter_source(path)
     if is_state_dir(source):
-        state = load_adapter_state(source)
+        state = read_state_dir(source)
         meta = {k: state.meta[k] for k in ("base_model_name_or_path", "task_type") if state.meta.get(k)}
         task_info = TaskInfo.from_json(state.meta.get("task_info"), str(source))
         return compact_from_state(state, task_info=task_info, **meta)
@@ -70,15 +66,3 @@ def resolve_base_dir(adapter: CompactAdapter, base: str | os.PathLike | None) ->
         if recorded
         else "no base model: pass --base BASE_DIR (the adapter does not name one)"
     )
-
-
-def load_base(
-    adapter: CompactAdapter, base_dir: str | os.PathLike, *, allow_pickle: bool = False, dtype=torch.float32
-) -> nn.Module:
-    """The base model as ``adapter`` was trained on it (its task, a classifier's labels and head size),
-    in eval mode, without the adapter applied. A base whose own head has another size is a UserError."""
-    config = check_model_dir(base_dir)
-    adapter.check_head(config, str(base_dir))
-    task = adapter.task_type if adapter.task_type in TASKS else infer_task(config)
-    kwargs = adapter.model_kwargs()
-    return load_pretrained(base_dir, task, allow_pickle=allow_pickle, dtype=dtype, **kwargs).eval()

@@ -38,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from adalora_export import AdaLoraConfig, CompactAdapter, ModuleAdapter  # noqa: E402
 from adalora_export.converters.merge import merge_into_base  # noqa: E402
 from adalora_export.converters.onnx import OnnxKind, export_onnx, export_optimized  # noqa: E402
-from adalora_export.formats import save_adapter  # noqa: E402
+from adalora_export.formats.peft import save_adapter  # noqa: E402
 from adalora_export.hf import load_pretrained  # noqa: E402
 from adalora_export.model import DEFAULT_TARGET_MODULES, find_target_paths  # noqa: E402
 from adalora_export.serving import OnnxServer  # noqa: E402

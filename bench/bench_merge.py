@@ -77,7 +77,7 @@ def generate(size: str) -> Path:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from adalora_export import AdaLoraConfig, CompactAdapter, ModuleAdapter
-    from adalora_export.formats import save_adapter
+    from adalora_export.formats.peft import save_adapter
 
     hidden, inter, layers, vocab, shard32, shard16 = SIZES[size]
     root = DATA / f"merge-{size}"

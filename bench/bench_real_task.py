@@ -46,7 +46,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from adalora_export.model import DEFAULT_TARGET_MODULES  # noqa: E402
-from adalora_export.sources import load_adapter, load_base  # noqa: E402
+from adalora_export.sources import load_adapter  # noqa: E402
 from adalora_export.training import train  # noqa: E402
 from adalora_export.training.data import load_dataset, micro_batches, steps_per_epoch  # noqa: E402
 from adalora_export.training.step import lr_factor  # noqa: E402
@@ -152,7 +152,7 @@ def run_ours(method: str, lr: float, seed: int, epochs: int, files: dict, work: 
           seed=seed, save_steps=0, adalora_init_r=INIT_R, adalora_target_r=TARGET_R, progress=False, overwrite=True,
           **ours_options(method, lr, epochs))  # fmt: skip
     adapter = load_adapter(run / "adapter")
-    model = adapter.apply_to(load_base(adapter, minilm_dir()))
+    model = adapter.apply_to(adapter.load_base(minilm_dir()))
     trainable = INIT_R * sum(m.in_features + m.out_features + 1 for m in adapter.modules.values())
     head = sum(v.numel() for v in adapter.extra_weights.values())
     return model, adapter.num_parameters(), trainable + head

@@ -25,7 +25,7 @@ import torch
 
 from adalora_export.adapter import CompactAdapter
 from adalora_export.errors import UserError
-from adalora_export.formats import PREFIX, extra_weight_tensors, peft_common_config, write_peft_dir
+from adalora_export.formats.peft import PREFIX, extra_weight_tensors, peft_common_config, write_peft_dir
 from adalora_export.io import check_output_path
 
 LORA_LAYOUTS = ("compact", "uniform")

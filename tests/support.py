@@ -115,7 +115,7 @@ def make_adapter(base_dir: Path, out: Path, seed: int = 0, ranks: tuple[int, ...
     ranks, rank 0 included), naming ``base_dir`` as its base, saved as a PEFT AdaLoRA directory."""
     from transformers import AutoModelForCausalLM
 
-    from adalora_export.formats import save_adapter
+    from adalora_export.formats.peft import save_adapter
     from adalora_export.model import default_target_modules
 
     model = AutoModelForCausalLM.from_pretrained(base_dir)

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..config import BUDGET_UNITS, PRESETS, TRAIN_TYPES, AdaLoraConfig, recommended_schedule
+from ..config import BUDGET_UNITS, PRESETS, TRAIN_TYPES, AdaLoraConfig, preset_schedule
 from ..errors import UserError
 from ..hf import CAUSAL_LM, SEQ_CLS
 from ..io import read_json
@@ -115,9 +115,7 @@ class TrainArgs:
     def adalora_config(self, total_step: int | None = None) -> AdaLoraConfig:
         """The AdaLoRA config of these options (validated: bad values are UserErrors). Given the run's
         ``total_step``, the preset fills the schedule options left unset, and it is checked."""
-        preset = {"tinit": 0, "tfinal": 0, "budget_unit": "triplets"}  # paper: PEFT's defaults
-        if self.adalora_preset == "recommended":
-            preset = recommended_schedule(total_step or 1)
+        preset = preset_schedule(self.adalora_preset, total_step or 1)
         explicit = {
             "tinit": self.adalora_tinit,
             "tfinal": self.adalora_tfinal,

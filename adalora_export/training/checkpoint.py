@@ -3,7 +3,7 @@
 ``RUN_DIR/checkpoint-<step>/`` is written to a temporary directory and renamed into place, so a
 kill at any moment leaves either the complete checkpoint or none. It holds
 
-- the adapter state (``adalora_export.state``): A, E, B at their current sizes, the allocator's
+- the adapter state (``adalora_export.formats.state``): A, E, B at their current sizes, the allocator's
   importance EMAs, the mask in force and the frozen rank pattern, any trained extra weights;
 - ``optimizer.safetensors``: the optimizer's per-parameter state (Adam moments, step counts)
   keyed ``<parameter name>/<state key>``, so it survives the final shrink's new Parameters;
@@ -26,11 +26,14 @@ import numpy as np
 import torch
 from safetensors.torch import save_file
 
-from ..allocator import RankAllocator
+from ..adapter import CompactAdapter
+from ..allocator import RankAllocator, shrink_to_rank_pattern
 from ..config import AdaLoraConfig
 from ..errors import UserError
+from ..formats.state import AdapterState, list_checkpoints, read_state_dir, write_state_dir
 from ..io import atomic_output_dir, load_tensors, read_json, write_json
-from ..state import AdapterState, list_checkpoints, load_adapter_state, restore_model, save_adapter_state
+from ..layer import PARTS
+from ..model import adapted_layers
 from .data import Dataset
 
 OPTIMIZER_FILE = "optimizer.safetensors"
@@ -48,6 +51,73 @@ class Checkpoint:
     optimizer_tensors: dict[str, torch.Tensor]
     rng_tensors: dict[str, torch.Tensor]
     trainer_state: dict
+
+
+# ------------------------------------------------------------------- adapter state
+def adapter_state(
+    model: torch.nn.Module, config: AdaLoraConfig, allocator: RankAllocator | None, step: int, meta: dict | None = None
+) -> AdapterState:
+    """The adapter and allocator state of ``model`` at optimizer step ``step``."""
+    tensors, layers = {}, {}
+    for path, layer in adapted_layers(model):
+        layers[path] = layer.fan_in_fan_out
+        tensors.update({f"{path}.{part}": getattr(layer, part) for part in PARTS})
+    extra = CompactAdapter.from_model(model, config).extra_weights
+    tensors.update(extra)
+    alloc = allocator.state_dict() if allocator is not None else {"tensors": {}}
+    return AdapterState(
+        config=config,
+        step=step,
+        tensors=tensors,
+        layers=layers,
+        extra=sorted(extra),
+        current_mask=alloc.get("current_mask"),
+        rank_pattern=alloc.get("rank_pattern"),
+        final_importance=alloc.get("final_importance"),
+        allocator_tensors=alloc["tensors"],
+        meta=meta or {},
+    )
+
+
+def save_adapter_state(
+    model: torch.nn.Module,
+    config: AdaLoraConfig,
+    allocator: RankAllocator | None,
+    step: int,
+    directory: str | os.PathLike,
+    meta: dict | None = None,
+) -> None:
+    """Write the adapter state of ``model`` (``adapter_state``) into ``directory``."""
+    write_state_dir(directory, adapter_state(model, config, allocator, step, meta))
+
+
+@torch.no_grad()
+def restore_model(model: torch.nn.Module, state: AdapterState, allocator: RankAllocator | None = None) -> None:
+    """Load a state into a model that ``inject_adapters`` prepared with the same config (and its allocator)."""
+    if state.rank_pattern is not None:
+        shrink_to_rank_pattern(model, state.rank_pattern)
+    ours = dict(adapted_layers(model))
+    if set(ours) != set(state.layers):
+        raise UserError(
+            "checkpoint adapts other modules than this model: " + ", ".join(sorted(set(ours) ^ set(state.layers))[:3])
+        )
+    for path, layer in ours.items():
+        for part in PARTS:
+            getattr(layer, part).copy_(state.tensors[f"{path}.{part}"])
+    params = dict(model.named_parameters())
+    for name in state.extra:
+        params[name].copy_(state.tensors[name])
+    if allocator is not None:
+        allocator.load_state_dict(
+            {
+                "tensors": state.allocator_tensors,
+                "rank_pattern": state.rank_pattern,
+                "current_mask": state.current_mask,
+                "final_importance": state.final_importance,
+                "total_step": state.config.total_step,
+                "config": state.config.to_dict(),
+            }
+        )
 
 
 # ----------------------------------------------------------------------------- RNG
@@ -153,7 +223,7 @@ def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
     """Read a checkpoint directory; missing or corrupt files are UserErrors naming them."""
     path = Path(path)
     trainer_state = read_json(path / TRAINER_STATE)
-    adapter = load_adapter_state(path)
+    adapter = read_state_dir(path)
     if adapter.step != trainer_state.get("step"):
         raise UserError(f"{path}: adapter state is for step {adapter.step}, trainer state for {trainer_state['step']}")
     return Checkpoint(

@@ -36,7 +36,7 @@ from ..adapter import CompactAdapter
 from ..allocator import Allocation, RankAllocator
 from ..config import AdaLoraConfig
 from ..errors import UserError
-from ..formats import save_adapter
+from ..formats.peft import save_adapter
 from ..model import orthogonal_regularizer
 
 

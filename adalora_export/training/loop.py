@@ -25,7 +25,6 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from ..formats import lora_parameters
 from ..model import adapted_layers
 from ..report import lora_comparison
 from .args import TrainArgs, resolve_args
@@ -124,7 +123,7 @@ def train(
         if dist.is_main:
             files, adapter = write_outputs(run_dir, run.net, run.config, run.allocator, args, run.task)
             params = adapter.num_parameters()
-            size = f"adapter: {params:,} parameters. " + lora_comparison(params, lora_parameters(adapter))
+            size = f"adapter: {params:,} parameters. " + lora_comparison(params, adapter.lora_parameters())
         dist.barrier()
         losses = [r["loss"] for r in read_metrics(run_dir) if "loss" in r] if dist.is_main else []
         tenth = max(1, len(losses) // 10)

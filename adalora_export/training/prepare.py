@@ -19,9 +19,10 @@ from torch import nn
 from ..allocator import RankAllocator
 from ..config import AdaLoraConfig
 from ..errors import UserError
+from ..formats.state import latest_checkpoint
 from ..hf import CAUSAL_LM, SEQ_CLS, check_model_dir, infer_task, load_pretrained
+from ..layer import is_adapter_parameter
 from ..model import inject_adapters
-from ..state import latest_checkpoint
 from .args import TrainArgs
 from .checkpoint import restore_adapter, restore_optimizer
 from .data import Dataset, detect_task, load_dataset, steps_per_epoch
@@ -202,7 +203,7 @@ def optimizer_param_names(model: nn.Module) -> list[list[str]]:
     before any shrink; checkpoints name the optimizer state by these names."""
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     decays = {n for n, p in named if p.dim() >= 2 and not n.endswith("lora_E")}
-    adapter = {n for n, _ in named if n.rpartition(".")[2] in ("lora_A", "lora_E", "lora_B")}
+    adapter = {n for n, _ in named if is_adapter_parameter(n)}
     return [
         [n for n, _ in named if n in adapter and n in decays],
         [n for n, _ in named if n in adapter and n not in decays],

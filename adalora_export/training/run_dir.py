@@ -26,13 +26,15 @@ from ..adapter import CompactAdapter, TaskInfo
 from ..allocator import RankAllocator
 from ..config import AdaLoraConfig
 from ..errors import UserError
-from ..formats import save_adapter
+from ..formats.peft import save_adapter
+from ..formats.state import latest_checkpoint
 from ..hf import SEQ_CLS
 from ..io import atomic_output_dir, atomic_output_file, check_output_path, read_json, write_json
+from ..layer import is_adapter_parameter
 from ..model import strip_wrapper_prefix
 from ..report import plot_rank_heatmap
-from ..state import PARTS, latest_checkpoint, save_adapter_state
 from .args import RUN_ARGS, TrainArgs
+from .checkpoint import save_adapter_state
 from .step import NonFiniteStep, StepResult
 
 METRICS = "metrics.jsonl"
@@ -133,7 +135,7 @@ def task_info(args: TrainArgs, task: str, model: nn.Module) -> TaskInfo:
     if task != SEQ_CLS:
         return TaskInfo(max_length=args.max_length)
     trained = [strip_wrapper_prefix(n) for n, p in model.named_parameters() if p.requires_grad]
-    head = sorted({n.rpartition(".")[0] for n in trained if n.rpartition(".")[2] not in PARTS})
+    head = sorted({n.rpartition(".")[0] for n in trained if not is_adapter_parameter(n)})
     return TaskInfo(
         id2label={int(k): v for k, v in model.config.id2label.items()},
         head_modules=head,

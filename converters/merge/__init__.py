@@ -4,7 +4,7 @@ Why hand-written streaming: PEFT's ``merge_and_unload`` and transformers' ``save
 the whole model in memory; here the model itself is never loaded, and memory stays at a few small
 blocks per worker plus the adapter whatever the model's size.
 
-- ``checkpoint``: reading the base from its headers (index, shards, safetensors/pickle), tensor-name
+- ``base_weights``: reading the base from its headers (index, shards, safetensors/pickle), tensor-name
   resolution, tied weights;
 - ``plan``: what each output tensor is (copied, merged, put), built and checked before any write;
 - ``write``: streaming the output shards (kernel copies, merged row blocks, workers, fsync), the
@@ -30,7 +30,7 @@ from adalora_export.errors import UserError
 from adalora_export.hf import check_model_dir
 from adalora_export.io import atomic_output_dir, check_output_path
 
-from .checkpoint import ST_INDEX, open_checkpoint, resolve_tensor_name, tied_weights
+from .base_weights import ST_INDEX, open_base_weights, resolve_tensor_name, tied_weights
 from .plan import Copy, make_plan
 from .verify import verify_merge
 from .write import copy_small_files, write_index, write_shards
@@ -87,19 +87,19 @@ def merge_into_base(
         raise UserError(f"the output {output} is the base directory; choose another")
     check_output_path(output, overwrite)
     adapter.check_head(config, str(base_dir))
-    ckpt = open_checkpoint(base_dir, allow_pickle)
-    plan = make_plan(adapter, ckpt, tied_weights(base_dir, config))
+    base_weights = open_base_weights(base_dir, allow_pickle)
+    plan = make_plan(adapter, base_weights, tied_weights(base_dir, config))
     out_config = adapter.merged_config(config)  # a classifier's config says what it is
     if plan.untied:
         out_config = {**out_config, "tie_word_embeddings": False}
     with atomic_output_dir(output, overwrite) as tmp:
-        written = write_shards(ckpt, plan, tmp, workers)
-        if ckpt.index is not None:
-            write_index(ckpt, plan, tmp)
+        written = write_shards(base_weights, plan, tmp, workers)
+        if base_weights.index is not None:
+            write_index(base_weights, plan, tmp)
         copy_small_files(base_dir, tmp, out_config)
     return MergeResult(
         output=output,
-        shards=len(ckpt.files),
+        shards=len(base_weights.files),
         merged=plan.merged,
         replaced=plan.replaced,
         added=plan.added,

@@ -13,8 +13,9 @@ import torch
 
 from adalora_export.adapter import CompactAdapter
 from adalora_export.errors import UserError
+from adalora_export.layer import weight_layout_factors
 
-from .checkpoint import FLOAT_DTYPES, ITEMSIZE, Checkpoint, Entry, dtype_code, resolve_tensor_name
+from .base_weights import FLOAT_DTYPES, ITEMSIZE, BaseWeights, Entry, dtype_code, resolve_tensor_name
 
 
 @dataclass
@@ -94,8 +95,7 @@ def factors(adapter: CompactAdapter, path: str) -> tuple[torch.Tensor, torch.Ten
     Blockwise merging needs the two low-rank factors, not the full delta; Conv1D stores in x out.
     """
     module = adapter.modules[path]
-    down, up = module.factors()
-    left, right = (down.T, up.T) if module.fan_in_fan_out else (up, down)
+    left, right = weight_layout_factors(*module.factors(), module.fan_in_fan_out)
     return left.contiguous(), right.contiguous()
 
 
@@ -106,12 +106,12 @@ def _cast(value: torch.Tensor, dtype: str) -> torch.Tensor:
 
 
 class _Planner:
-    """Builds a Plan; holds the checkpoint, the tie map and the items found so far."""
+    """Builds a Plan; holds the base weights, the tie map and the items found so far."""
 
-    def __init__(self, adapter: CompactAdapter, ckpt: Checkpoint, tied: dict[str, str]):
-        self.adapter, self.ckpt, self.tied = adapter, ckpt, tied
-        self.names = ckpt.entries
-        self.where = f"the base {ckpt.directory}"
+    def __init__(self, adapter: CompactAdapter, base_weights: BaseWeights, tied: dict[str, str]):
+        self.adapter, self.base_weights, self.tied = adapter, base_weights, tied
+        self.names = base_weights.entries
+        self.where = f"the base {base_weights.directory}"
         self.merges: dict[str, Merge] = {}
         self.puts: dict[str, Put] = {}
         self.after: dict[str, list[Merge | Put]] = {}  # new tensors, written right after their tie source
@@ -171,7 +171,7 @@ class _Planner:
             name: tuple(placed.base.shape) if placed else tuple(self.adapter.extra_weights[name].shape)
             for name, placed in extras.items()
         }
-        self.adapter.check_fits(layers, params, base=str(self.ckpt.directory))
+        self.adapter.check_fits(layers, params, base=str(self.base_weights.directory))
 
     def _add_merge(self, path: str, placed: Placement) -> None:
         what, base = f"adapter module {path}", placed.base
@@ -199,7 +199,7 @@ class _Planner:
             floats = [e for e in self.names.values() if e.dtype in FLOAT_DTYPES]
             model_dtype = max(floats, key=lambda e: e.nbytes).dtype if floats else None
             dtype = model_dtype if value.is_floating_point() and model_dtype else dtype_code(value.dtype, "", "")
-            last = self.ckpt.names_in(len(self.ckpt.files) - 1)[-1]
+            last = self.base_weights.names_in(len(self.base_weights.files) - 1)[-1]
             self.after.setdefault(last, []).append(Put(name, _cast(value, dtype), dtype, list(value.shape)))
             self.plan.added.append(name)
             return
@@ -218,18 +218,18 @@ class _Planner:
     def _layout(self) -> Plan:
         """The base's tensor order, each file's items in place and new tensors beside their source."""
         plan = self.plan
-        for file in range(len(self.ckpt.files)):
+        for file in range(len(self.base_weights.files)):
             items: list[Item] = []
-            for name in self.ckpt.names_in(file):
+            for name in self.base_weights.names_in(file):
                 items.append(self.merges.get(name) or self.puts.get(name) or Copy(name, self.names[name]))
                 items.extend(self.after.get(name, []))
             plan.shards.append(items)
         plan.merged = sum(1 for m in self.merges.values() if m.L.shape[1] > 0)
         plan.replaced = len(self.puts)
-        plan.added += [m.name for m in self.merges.values() if m.name not in self.ckpt.entries]
+        plan.added += [m.name for m in self.merges.values() if m.name not in self.base_weights.entries]
         return plan
 
 
-def make_plan(adapter: CompactAdapter, ckpt: Checkpoint, tied: dict[str, str]) -> Plan:
+def make_plan(adapter: CompactAdapter, base_weights: BaseWeights, tied: dict[str, str]) -> Plan:
     """Map every adapter module and extra weight to the base, checking everything before any write."""
-    return _Planner(adapter, ckpt, tied).build()
+    return _Planner(adapter, base_weights, tied).build()

@@ -8,7 +8,6 @@ import torch
 
 from adalora_export.adapter import CompactAdapter
 from adalora_export.hf import TASKS, load_pretrained
-from adalora_export.sources import load_base
 
 
 @torch.no_grad()
@@ -22,7 +21,7 @@ def verify_merge(
 ) -> float:
     """Largest absolute difference of outputs (logits or hidden states) between base + adapter unmerged and
     the merged model, both run in fp32 on ``batches`` random sequences. One model in memory at a time."""
-    base = adapter.apply_to(load_base(adapter, base_dir, allow_pickle=allow_pickle), base=str(base_dir))
+    base = adapter.apply_to(adapter.load_base(base_dir, allow_pickle=allow_pickle), base=str(base_dir))
     text = base.config.get_text_config()
     length = min(16, getattr(text, "max_position_embeddings", None) or getattr(text, "n_positions", None) or 16)
     g = torch.Generator().manual_seed(0)

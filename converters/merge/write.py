@@ -26,7 +26,7 @@ from tqdm import tqdm
 from adalora_export.errors import UserError
 from adalora_export.io import load_tensors, write_json
 
-from .checkpoint import FLOAT_DTYPES, ITEMSIZE, ST_INDEX, Checkpoint, Entry
+from .base_weights import FLOAT_DTYPES, ITEMSIZE, ST_INDEX, BaseWeights, Entry
 from .plan import Item, Merge, Plan, Put, nbytes
 
 # Files of these kinds are weights (of some format) and are never copied into the merged directory.
@@ -100,9 +100,9 @@ class _Base:
     """Read access to the base from any thread: file descriptors read at explicit offsets (safetensors),
     or, for pickle files, the loaded files that the shard being written needs."""
 
-    def __init__(self, ckpt: Checkpoint):
-        self.ckpt = ckpt
-        self.fds = [] if ckpt.pickled else [os.open(path, os.O_RDONLY) for path in ckpt.files]
+    def __init__(self, base_weights: BaseWeights):
+        self.base_weights = base_weights
+        self.fds = [] if base_weights.pickled else [os.open(path, os.O_RDONLY) for path in base_weights.files]
         self.loaded: dict[int, dict[str, torch.Tensor]] = {}
         self.kernel_copy = hasattr(os, "copy_file_range")  # Linux; elsewhere plain reads and writes
 
@@ -113,19 +113,19 @@ class _Base:
 
     def prepare(self, items: list[Item]) -> None:
         """Pickle bases: hold the files this shard reads (loaded whole) and no others."""
-        if not self.ckpt.pickled:
+        if not self.base_weights.pickled:
             return
         needed = {item.source.file for item in items if isinstance(getattr(item, "source", None), Entry)}
         self.loaded = {file: tensors for file, tensors in self.loaded.items() if file in needed}
         for file in sorted(needed - self.loaded.keys()):
-            self.loaded[file] = load_tensors(self.ckpt.files[file], allow_pickle=True)
+            self.loaded[file] = load_tensors(self.base_weights.files[file], allow_pickle=True)
 
     def tensor(self, entry: Entry) -> torch.Tensor:
         return self.loaded[entry.file][entry.name]
 
     def read(self, source: Entry | torch.Tensor, offset: int, out: torch.Tensor) -> None:
         """Fill ``out`` (uint8) with a base weight's raw bytes from byte ``offset`` on."""
-        if isinstance(source, torch.Tensor) or self.ckpt.pickled:
+        if isinstance(source, torch.Tensor) or self.base_weights.pickled:
             tensor = source if isinstance(source, torch.Tensor) else self.tensor(source)
             out.copy_(_raw(tensor)[offset : offset + out.numel()])
             return
@@ -133,7 +133,7 @@ class _Base:
         while view:
             n = os.preadv(self.fds[source.file], [view], pos)
             if n == 0:
-                raise UserError(f"{self.ckpt.files[source.file]} ended early (truncated while being read?)")
+                raise UserError(f"{self.base_weights.files[source.file]} ended early (truncated while being read?)")
             view, pos = view[n:], pos + n
 
     def copy(self, task: CopyTask, fd: int) -> int:
@@ -154,7 +154,7 @@ class _Base:
                 n = len(data)
                 _pwrite(fd, memoryview(data), dst + done)
             if n == 0:
-                raise UserError(f"{self.ckpt.files[file]} ended early (truncated while being read?)")
+                raise UserError(f"{self.base_weights.files[file]} ended early (truncated while being read?)")
             done += n
         return nbytes
 
@@ -175,7 +175,7 @@ def _tasks(base: _Base, items: list[Item], offset: int) -> list[Task]:
             ]
         elif isinstance(item, Put):
             tasks.append(PutTask(item.value, offset))
-        elif base.ckpt.pickled:
+        elif base.base_weights.pickled:
             tasks.append(PutTask(base.tensor(item.source), offset))
         else:
             src, last = item.source, tasks[-1] if tasks else None
@@ -243,10 +243,10 @@ def _finish_shard(fd: int) -> None:
         os.close(fd)
 
 
-def write_shards(ckpt: Checkpoint, plan: Plan, out_dir: Path, workers: int) -> int:
+def write_shards(base_weights: BaseWeights, plan: Plan, out_dir: Path, workers: int) -> int:
     """Write the output shards one after another, ``workers`` threads sharing each shard's tasks
     (kernel copies, reads, writes and matrix products all release the GIL). Returns bytes written."""
-    base = _Base(ckpt)
+    base = _Base(base_weights)
     stop, local = threading.Event(), threading.local()
     # Blocks are small: torch's own threads (OpenMP teams, set per thread) only add hand-offs, 10-50x
     # slower on a busy machine. The parallelism is the workers'.
@@ -256,8 +256,8 @@ def write_shards(ckpt: Checkpoint, plan: Plan, out_dir: Path, workers: int) -> i
     syncs, futures, fd, written = [], [], None, 0
     try:
         for file, items in enumerate(plan.shards):
-            name = ckpt.output_name(file)
-            header = _header(items, ckpt.file_metadata[file])
+            name = base_weights.output_name(file)
+            header = _header(items, base_weights.file_metadata[file])
             total = len(header) + sum(nbytes(item) for item in items)
             fd = os.open(out_dir / name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
             with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=f"merge {name}") as bar:
@@ -298,15 +298,15 @@ def copy_small_files(base_dir: Path, out_dir: Path, config: dict) -> None:
             shutil.copyfile(path, out_dir / name)
 
 
-def write_index(ckpt: Checkpoint, plan: Plan, out_dir: Path) -> None:
+def write_index(base_weights: BaseWeights, plan: Plan, out_dir: Path) -> None:
     """The base's index with the output's shard names, tensors and total size."""
     weight_map = {}
     total_size = 0
     for file, items in enumerate(plan.shards):
         for item in items:
-            weight_map[item.name] = ckpt.output_name(file)
+            weight_map[item.name] = base_weights.output_name(file)
             total_size += nbytes(item)
-    metadata = dict(ckpt.index.get("metadata") or {})
+    metadata = dict(base_weights.index.get("metadata") or {})
     metadata["total_size"] = total_size
     if "total_parameters" in metadata:
         metadata["total_parameters"] = sum(nbytes(i) // ITEMSIZE[i.dtype] for items in plan.shards for i in items)

@@ -6,10 +6,11 @@ another adapter for an existing adapter-input graph. Serving the graphs is ``ada
 
 from __future__ import annotations
 
+from adalora_export.formats.onnx_dir import ADAPTER_FILE, MANIFEST, MODEL_FILE, OnnxKind
+
 from .adapter_file import write_onnx_adapter
 from .export import DEFAULT_TOLERANCE, DTYPES, export_onnx
 from .graph import DEFAULT_OPSET, MAX_OPSET, MIN_OPSET
-from .layout import ADAPTER_FILE, MANIFEST, MODEL_FILE, OnnxKind
 from .optimized import OPTIMIZED_DTYPES, TARGETS, export_optimized
 
 __all__ = [

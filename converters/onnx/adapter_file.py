@@ -13,10 +13,10 @@ import numpy as np
 
 from adalora_export.adapter import CompactAdapter
 from adalora_export.errors import UserError
+from adalora_export.formats.onnx_dir import open_onnx_dir, takes_adapters
 from adalora_export.io import atomic_output_file
 
 from .branches import branch_weights
-from .layout import OnnxKind, open_onnx_dir
 
 
 def write_onnx_adapter(
@@ -28,7 +28,7 @@ def write_onnx_adapter(
     among the graph's adapted layers (a layer the adapter leaves out, or at rank 0, stays the base).
     """
     _, manifest = open_onnx_dir(onnx_dir)
-    if manifest.get("kind") != OnnxKind.ADAPTER_INPUTS.value and not manifest.get("adapter_inputs"):
+    if not takes_adapters(manifest):
         raise UserError(f"{onnx_dir} was exported without --adapter-inputs; adapters cannot be swapped into it")
     with atomic_output_file(output, overwrite) as tmp:
         write_adapter_file(adapter, manifest, tmp)

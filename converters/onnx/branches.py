@@ -16,9 +16,8 @@ import torch
 from torch import nn
 
 from adalora_export.adapter import CompactAdapter
+from adalora_export.formats.onnx_dir import OnnxKind, branch_entry
 from adalora_export.model import adapted_layers, replace_module, unwrap_adapters
-
-from .layout import OnnxKind
 
 DOWN = ".lora_down"
 UP = ".lora_up"
@@ -44,12 +43,6 @@ def branch_weights(adapter: CompactAdapter, path: str) -> tuple[torch.Tensor, to
     """
     down, up = adapter.modules[path].factors()
     return (down * adapter.scale).T.contiguous(), up.T.contiguous()
-
-
-def rank_axis(path: str) -> str:
-    """The symbolic name of one layer's rank axis (one name per layer: onnxruntime's memory planner
-    fails when layers of different ranks share one)."""
-    return "rank_" + path.replace(".", "_")
 
 
 @dataclass
@@ -110,14 +103,8 @@ def _add_input_branch(
     """An adapter-input branch: graph inputs with a rank axis of the layer's own and empty defaults."""
     down_name, up_name = path + DOWN, path + UP
     prepared.swappable.update({down_name: down, up_name: up})
-    axis = rank_axis(path)
-    prepared.axes[down_name], prepared.axes[up_name] = {1: axis}, {0: axis}
+    entry = branch_entry(path, down_name, up_name, in_features, out_features)
+    prepared.axes[down_name], prepared.axes[up_name] = {1: entry["rank_axis"]}, {0: entry["rank_axis"]}
     prepared.defaults[down_name] = np.zeros((in_features, 0), np.float32)
     prepared.defaults[up_name] = np.zeros((0, out_features), np.float32)
-    prepared.branches[path] = {
-        "down": down_name,
-        "up": up_name,
-        "in": in_features,
-        "out": out_features,
-        "rank_axis": axis,
-    }
+    prepared.branches[path] = entry

@@ -31,10 +31,18 @@ from tqdm import tqdm
 
 from adalora_export.adapter import CompactAdapter, model_shapes
 from adalora_export.errors import UserError
+from adalora_export.formats.onnx_dir import (
+    ADAPTER_FILE,
+    GENAI_CONFIG,
+    MANIFEST,
+    Manifest,
+    OnnxKind,
+    copy_tokenizer_files,
+    genai_config,
+)
 from adalora_export.hf import CAUSAL_LM, SEQ_CLS, TASKS, check_model_dir, infer_task
 from adalora_export.io import atomic_output_dir, check_output_path, release_freed_memory, write_json
 from adalora_export.layer import SVDLinear
-from adalora_export.sources import load_base
 
 from .adapter_file import write_adapter_file
 from .branches import PreparedGraph, prepare_model
@@ -52,7 +60,6 @@ from .graph import (
     save_graph,
     trace_to_onnx,
 )
-from .layout import ADAPTER_FILE, GENAI_CONFIG, MANIFEST, Manifest, OnnxKind, copy_tokenizer_files, genai_config
 from .parity import check_parity, parity_samples, torch_reference
 
 DTYPES = ("fp32", "fp16")
@@ -122,7 +129,7 @@ def export_onnx(
         stages.set_postfix_str("loading")
         # In the base's own dtype: a bf16 base is never held in fp32 whole (torch_reference computes in
         # fp32 module by module); the adapter's trained head weights stay fp32 for the reference.
-        model = load_base(adapter, base_dir, allow_pickle=allow_pickle, dtype="auto")
+        model = adapter.load_base(base_dir, allow_pickle=allow_pickle, dtype="auto")
         adapter.check_fits(*model_shapes(model), base=str(base_dir))
         for name in adapter.extra_weights:
             model.get_parameter(name).data = model.get_parameter(name).data.float()

@@ -30,10 +30,9 @@ from onnx import numpy_helper
 from torch import nn
 
 from adalora_export.errors import UserError
+from adalora_export.formats.onnx_dir import DATA_FILE, MODEL_FILE
 from adalora_export.hf import CAUSAL_LM, ENCODER, SEQ_CLS
 from adalora_export.io import disk_full, disk_full_message
-
-from .layout import DATA_FILE, MODEL_FILE
 
 DEFAULT_OPSET = 17
 MIN_OPSET, MAX_OPSET = 14, 20

@@ -36,15 +36,7 @@ from tqdm import tqdm
 
 from adalora_export.adapter import CompactAdapter
 from adalora_export.errors import UserError
-from adalora_export.hf import CAUSAL_LM, check_model_dir, load_pretrained
-from adalora_export.io import atomic_output_dir, check_output_path, write_json
-from adalora_export.sources import load_base
-
-from ..lora import export_lora
-from ..merge import merge_into_base
-from .adapter_file import write_adapter_file
-from .export import check_tolerance, eos_token_ids
-from .layout import (
+from adalora_export.formats.onnx_dir import (
     ADAPTER_FILE,
     DATA_FILE,
     GENAI_CONFIG,
@@ -55,6 +47,13 @@ from .layout import (
     OnnxKind,
     import_onnxruntime_genai,
 )
+from adalora_export.hf import CAUSAL_LM, check_model_dir, load_pretrained
+from adalora_export.io import atomic_output_dir, check_output_path, write_json
+
+from ..lora import export_lora
+from ..merge import merge_into_base
+from .adapter_file import write_adapter_file
+from .export import check_tolerance, eos_token_ids
 
 BUILDER_ARCHITECTURES = (
     "LlamaForCausalLM",
@@ -137,7 +136,7 @@ def export_optimized(
             if adapter_inputs:
                 write_adapter_file(adapter, {"branches": branches, "dtype": dtype}, tmp / ADAPTER_FILE)
             reference = (
-                adapter.apply_to(load_base(adapter, base_dir, allow_pickle=allow_pickle))
+                adapter.apply_to(adapter.load_base(base_dir, allow_pickle=allow_pickle))
                 if adapter_inputs
                 else load_pretrained(source, CAUSAL_LM, dtype=torch.float32).eval()
             )

@@ -20,10 +20,10 @@ import torch
 from torch import nn
 
 from adalora_export.errors import UserError
+from adalora_export.formats.onnx_dir import ADAPTER_FILE
 from adalora_export.hf import CAUSAL_LM, SEQ_CLS
 
 from .graph import GraphSpec, GraphWrapper, graph_spec
-from .layout import ADAPTER_FILE
 from .partition import DEFAULT_PART_BYTES, run_in_parts
 
 _QUIET = 3  # onnxruntime log severity: errors only (no "initializer in graph inputs" warnings)

@@ -20,7 +20,7 @@ import torch
 from support import WORDS, make_base, run_cli
 
 from adalora_export.serving import OnnxServer
-from adalora_export.sources import load_adapter, load_base
+from adalora_export.sources import load_adapter
 
 LABELS = ["animal", "place", "thing"]
 GROUPS = {"animal": ["cat", "dog", "bird"], "place": ["mat", "tree", "house"], "thing": ["red", "blue", "big"]}
@@ -65,7 +65,7 @@ def reference_logits(adapter_dir: Path, base: Path, texts: list[str], max_length
     from transformers import AutoTokenizer
 
     adapter = load_adapter(adapter_dir)
-    model = adapter.apply_to(load_base(adapter, base))
+    model = adapter.apply_to(adapter.load_base(base))
     tokenizer = AutoTokenizer.from_pretrained(base)
     cut = {"truncation": True, "max_length": max_length} if max_length else {}
     rows = [model(**tokenizer(t, return_tensors="pt", **cut)).logits[0] for t in texts]

@@ -11,7 +11,7 @@ import torch
 from support import make_adapter, make_base, run_cli
 
 from adalora_export.converters.onnx.adapter_file import write_onnx_adapter
-from adalora_export.sources import load_adapter, load_base
+from adalora_export.sources import load_adapter
 
 og = pytest.importorskip("onnxruntime_genai")
 
@@ -51,7 +51,7 @@ def setup(request, tmp_path_factory):
 
 def expected(adapter_dir, base, ids) -> list[int]:
     adapter = load_adapter(adapter_dir)
-    return torch_tokens(adapter.apply_to(load_base(adapter, base)), ids)
+    return torch_tokens(adapter.apply_to(adapter.load_base(base)), ids)
 
 
 def test_genai_runs_the_merged_graph(setup):

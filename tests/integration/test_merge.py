@@ -23,7 +23,7 @@ from adalora_export.converters import merge
 from adalora_export.converters.merge import merge_into_base, resolve_tensor_name
 from adalora_export.converters.merge import plan as merge_plan
 from adalora_export.converters.merge import write as merge_write
-from adalora_export.formats import save_adapter
+from adalora_export.formats.peft import save_adapter
 from adalora_export.model import find_target_paths
 from adalora_export.sources import load_adapter
 

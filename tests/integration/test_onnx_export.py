@@ -12,7 +12,7 @@ from support import LLAMA_TARGETS, adapter_at_ranks, run_cli, save_base, tiny_gp
 
 from adalora_export.converters.onnx import ADAPTER_FILE, MANIFEST, OnnxKind, export_onnx, write_onnx_adapter
 from adalora_export.errors import UserError
-from adalora_export.formats import save_adapter
+from adalora_export.formats.peft import save_adapter
 from adalora_export.hf import load_pretrained
 from adalora_export.serving import OnnxServer
 

@@ -10,7 +10,7 @@ import torch
 from support import make_adapter, make_base, run_cli
 
 from adalora_export.serving import OnnxServer
-from adalora_export.sources import load_adapter, load_base
+from adalora_export.sources import load_adapter
 
 pytest.importorskip("onnxruntime_genai")
 
@@ -43,7 +43,7 @@ def test_fp32_graph_matches_torch_and_serves_batches_and_streams(built, capsys):
     assert (graphs["fp32"] / "genai_config.json").is_file()
 
     adapter = load_adapter(adapter_dir)
-    model = adapter.apply_to(load_base(adapter, base))
+    model = adapter.apply_to(adapter.load_base(base))
     server = OnnxServer(graphs["fp32"])
     assert server.session is None and type(server.genai_model).__name__ == "Model"  # onnxruntime-genai drives it
     tokenizer = server.tokenizer
@@ -180,7 +180,7 @@ def test_adapter_inputs_on_the_builders_graph_hot_swap_adapters_of_any_ranks(bui
     wants = {}
     for name, directory in (("first", first), ("second", second)):
         adapter = load_adapter(directory)
-        wants[name] = greedy(adapter.apply_to(load_base(adapter, base)), ids, 6)
+        wants[name] = greedy(adapter.apply_to(adapter.load_base(base)), ids, 6)
     assert len({tuple(plain), tuple(wants["first"]), tuple(wants["second"])}) == 3  # the three differ
     decode = server.tokenizer.decode
     assert server.generate(PROMPTS[0], 6) == decode(plain, skip_special_tokens=True)  # no adapter: the base

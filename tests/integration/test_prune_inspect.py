@@ -11,11 +11,12 @@ import torch
 from support import LLAMA_TARGETS, ROOT, tiny_llama, train_adalora
 
 from adalora_export import AdaLoraConfig
-from adalora_export.formats import ADAPTER_CONFIG, ADAPTER_WEIGHTS
+from adalora_export.formats.peft import ADAPTER_CONFIG, ADAPTER_WEIGHTS
+from adalora_export.formats.state import read_state_dir
 from adalora_export.prune import prune
 from adalora_export.report import format_table, rank_grid
 from adalora_export.sources import load_adapter
-from adalora_export.state import load_adapter_state, save_adapter_state
+from adalora_export.training.checkpoint import save_adapter_state
 
 TOTAL = 12
 
@@ -54,7 +55,7 @@ def cli(*args, expect=0):
 
 def test_prune_checkpoint_keeps_exactly_the_mask_in_force(run_dir, tmp_path):
     run, kept = run_dir
-    state = load_adapter_state(run / "checkpoint-5")
+    state = read_state_dir(run / "checkpoint-5")
     assert state.rank_pattern is None and state.current_mask is not None  # mid budget phase, layers at init_r
     adapter = prune(run / "checkpoint-5", tmp_path / "a")
     assert sum(adapter.rank_pattern.values()) == kept["checkpoint-5"] < 4 * 14

@@ -12,7 +12,7 @@ from support import LLAMA_TARGETS, adapter_at_ranks, run_cli, save_base, tiny_ll
 
 from adalora_export.converters.onnx import ADAPTER_FILE, OnnxKind, export_onnx
 from adalora_export.errors import UserError
-from adalora_export.formats import save_adapter
+from adalora_export.formats.peft import save_adapter
 from adalora_export.hf import load_pretrained
 from adalora_export.model import unwrap_adapters
 from adalora_export.serving import OnnxServer, cuda_usable, infer

@@ -14,8 +14,8 @@ from support import WORDS
 
 from adalora_export import cli
 from adalora_export.errors import UserError
+from adalora_export.formats.state import list_checkpoints, read_state_dir
 from adalora_export.sources import load_adapter
-from adalora_export.state import list_checkpoints, load_adapter_state
 from adalora_export.toy import write_toy_model
 from adalora_export.training import train
 from adalora_export.training.checkpoint import load_checkpoint
@@ -285,7 +285,7 @@ def test_recommended_preset_sets_the_schedule_from_the_run_length(tmp_path, llam
     frozen = [r["step"] for r in records if r["final"]]
     assert frozen == list(range(10, 21))  # the ranks freeze at total_step - tfinal, and stay frozen
     assert records[0]["budget"] == records[1]["budget"] > records[2]["budget"]  # the budget falls after tinit
-    config = load_adapter_state(out / "final").config
+    config = read_state_dir(out / "final").config
     assert config.final_orth_reg_weight == 0.0  # no orthogonal term once frozen
     assert config.budget_unit == "params" and records[-1]["budget"] == sum(  # LoRA's size at target_r
         config.target_r * (m.in_features + m.out_features) for m in load_adapter(out / "adapter").modules.values()
@@ -296,7 +296,7 @@ def test_explicit_flags_win_over_the_preset(tmp_path, llama_dir, data_file):
     out = tmp_path / "run"
     options = dict(max_steps=20, save_steps=0, adalora_preset="recommended")
     run(out, llama_dir, data_file, **{**PRESET_DECIDES, "adalora_tinit": 3}, adalora_budget_unit="triplets", **options)
-    config = load_adapter_state(out / "final").config
+    config = read_state_dir(out / "final").config
     assert (config.tinit, config.tfinal, config.budget_unit) == (3, 10, "triplets")  # tfinal still the preset's
     assert config.final_orth_reg_weight == 0.0
 

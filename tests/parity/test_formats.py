@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 from support import LLAMA_TARGETS, tiny_gpt2, tiny_llama, train_adalora
 
 from adalora_export import AdaLoraConfig, CompactAdapter, UserError, adapted_layers
-from adalora_export.formats import ADAPTER_CONFIG, ADAPTER_WEIGHTS, MANIFEST, PREFIX, save_adapter
+from adalora_export.formats.peft import ADAPTER_CONFIG, ADAPTER_WEIGHTS, MANIFEST, PREFIX, save_adapter
 from adalora_export.sources import load_adapter
 
 peft = pytest.importorskip("peft")
@@ -193,7 +193,7 @@ def test_reads_adapters_peft_saved(peft_trained, sliced, tmp_path):
 
 
 def test_state_dir_reads_like_the_model(llama_run, tmp_path):
-    from adalora_export.state import save_adapter_state
+    from adalora_export.training.checkpoint import save_adapter_state
 
     model, adapter = llama_run
     (tmp_path / "state").mkdir()

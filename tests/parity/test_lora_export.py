@@ -13,7 +13,7 @@ from support import LLAMA_TARGETS, tiny_gpt2, tiny_llama, train_adalora
 
 from adalora_export import AdaLoraConfig, CompactAdapter, UserError
 from adalora_export.converters.lora import LORA_LAYOUTS, export_lora
-from adalora_export.formats import ADAPTER_CONFIG, ADAPTER_WEIGHTS, PREFIX, save_adapter
+from adalora_export.formats.peft import ADAPTER_CONFIG, ADAPTER_WEIGHTS, PREFIX, save_adapter
 
 peft = pytest.importorskip("peft")
 

@@ -39,7 +39,7 @@ from support import (
 )
 
 from adalora_export import cli
-from adalora_export.state import list_checkpoints
+from adalora_export.formats.state import list_checkpoints
 from adalora_export.training.checkpoint import load_checkpoint
 
 PROGRESS = re.compile(r"\d+%\|.*\|")  # a tqdm bar: "desc:  17%|█▋        | 1/6 [00:00<00:01, ...]"
@@ -408,7 +408,7 @@ def gpt2_classifier(env: Env, tmp: Path) -> tuple[Path, Path]:
     from transformers import AutoModelForSequenceClassification
 
     from adalora_export.adapter import TaskInfo
-    from adalora_export.formats import save_adapter
+    from adalora_export.formats.peft import save_adapter
 
     model = AutoModelForSequenceClassification.from_pretrained(env.gpt2, num_labels=3)
     adapter = adapter_at_ranks(model, ["c_attn"], [2, 1], base_model_name_or_path=str(env.gpt2), task_type="seq_cls")

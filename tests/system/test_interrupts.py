@@ -34,9 +34,9 @@ from support import (
     write_data,
 )
 
+from adalora_export.formats.state import list_checkpoints, read_state_dir
 from adalora_export.io import atomic_output_dir, remove_stale_siblings
 from adalora_export.sources import load_adapter
-from adalora_export.state import list_checkpoints, load_adapter_state
 from adalora_export.training.checkpoint import load_checkpoint
 
 pytestmark = pytest.mark.slow  # a system test: subprocesses, kills or torchrun
@@ -157,7 +157,7 @@ def check_killed_run(run: Path) -> None:
     for checkpoint in list_checkpoints(run):
         load_checkpoint(checkpoint)
     if (run / "final").exists():
-        load_adapter_state(run / "final")
+        read_state_dir(run / "final")
     if (run / "adapter").exists():
         load_adapter(run / "adapter")
     for name in ("run_args.json", "rank_pattern.json"):

@@ -13,7 +13,7 @@ import pytest
 import torch
 from support import ROOT, WORDS, assert_within_budget
 
-from adalora_export.state import list_checkpoints
+from adalora_export.formats.state import list_checkpoints
 from adalora_export.toy import write_toy_model
 from adalora_export.training import train
 

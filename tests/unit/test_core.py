@@ -372,17 +372,17 @@ def test_budget_in_parameters_trains_to_an_adapter_no_larger_than_lora_at_target
 def test_a_parameter_budget_is_reported_in_parameters_and_survives_save_and_load(tmp_path):
     from support import adapter_at_ranks
 
-    from adalora_export.formats import adapter_summary, read_adapter_dir, save_adapter
+    from adalora_export.formats.peft import read_adapter_dir, save_adapter
     from adalora_export.report import format_table
 
     model = tiny_llama()
     adapter = adapter_at_ranks(model, ["q_proj", "up_proj"], [2, 0, 3, 1], init_r=4)
     adapter.config.budget_unit, adapter.config.target_r = "params", 2
-    s = adapter_summary(adapter)
+    s = adapter.summary()
     lora_r2 = sum(2 * (m.in_features + m.out_features) for m in adapter.modules.values())
     assert s["budget_unit"] == "params" and s["budget"] == lora_r2
     assert sum(m["share"] for m in s["modules"]) == adapter.num_parameters() / lora_r2
     line = f"total rank 6, {adapter.num_parameters():,} parameters against a budget of {lora_r2:,} (LoRA at r=2"
     assert line in format_table(adapter)
     loaded = read_adapter_dir(save_adapter(adapter, tmp_path / "adapter"))
-    assert loaded.config.budget_unit == "params" and adapter_summary(loaded)["budget"] == lora_r2
+    assert loaded.config.budget_unit == "params" and loaded.summary()["budget"] == lora_r2

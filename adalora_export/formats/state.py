@@ -7,7 +7,8 @@ A checkpoint directory (and a finished run's ``final/``) holds
 - ``allocator_state.safetensors``: the importance EMAs (absent after the final phase);
 - ``adalora_state.json``: the config (with total_step), the step, the mask in force, the frozen
   rank pattern once fixed, and per layer whether it is a Conv1D (fan_in_fan_out).
-Pruning reads it into a ``CompactAdapter``; resuming loads it back into a model and allocator.
+Pruning reads it into a ``CompactAdapter`` (``compact_from_state``); the trainer builds an
+``AdapterState`` from its model and allocator and restores them from one (``training.checkpoint``).
 """
 
 from __future__ import annotations
@@ -19,24 +20,24 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
-from torch import nn
 
-from .adapter import CompactAdapter, ModuleAdapter
-from .allocator import RankAllocator, shrink_to_rank_pattern
-from .config import AdaLoraConfig
-from .errors import UserError
-from .io import load_tensors, read_json, write_json
-from .model import adapted_layers
+from ..adapter import CompactAdapter, ModuleAdapter
+from ..config import AdaLoraConfig
+from ..errors import UserError
+from ..io import load_tensors, read_json, write_json
+from ..layer import PARTS
 
 ADAPTER_STATE = "adapter_state.safetensors"
 ALLOCATOR_STATE = "allocator_state.safetensors"
 STATE_JSON = "adalora_state.json"
-PARTS = ("lora_A", "lora_E", "lora_B")
+STATE_FORMAT = "adalora-export-state/1"
 CHECKPOINT_RE = re.compile(r"checkpoint-(\d+)")
 
 
 @dataclass
 class AdapterState:
+    """One state directory's content, in memory."""
+
     config: AdaLoraConfig
     step: int
     tensors: dict[str, torch.Tensor]
@@ -76,47 +77,33 @@ def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
     return found[-1] if found else None
 
 
-def save_adapter_state(
-    model: nn.Module,
-    config: AdaLoraConfig,
-    allocator: RankAllocator | None,
-    step: int,
-    directory: str | os.PathLike,
-    meta: dict | None = None,
-) -> None:
-    """Write the adapter and allocator state of ``model`` at optimizer step ``step`` into ``directory``."""
+def write_state_dir(directory: str | os.PathLike, state: AdapterState) -> None:
+    """Write ``state`` into the existing directory ``directory`` (the caller makes it atomic)."""
     directory = Path(directory)
-    tensors, layers = {}, {}
-    for path, layer in adapted_layers(model):
-        layers[path] = layer.fan_in_fan_out
-        for part in PARTS:
-            tensors[f"{path}.{part}"] = getattr(layer, part).detach().cpu().contiguous()
-    adapter = CompactAdapter.from_model(model, config)
-    for name, value in adapter.extra_weights.items():
-        tensors[name] = value.contiguous()
+    tensors = {name: t.detach().cpu().contiguous() for name, t in state.tensors.items()}
     save_file(tensors, str(directory / ADAPTER_STATE))
-    alloc = allocator.state_dict() if allocator is not None else {"tensors": {}, "rank_pattern": None}
-    if alloc["tensors"]:
-        save_file({k: v.contiguous() for k, v in alloc["tensors"].items()}, str(directory / ALLOCATOR_STATE))
+    if state.allocator_tensors:
+        allocator = {k: v.detach().cpu().contiguous() for k, v in state.allocator_tensors.items()}
+        save_file(allocator, str(directory / ALLOCATOR_STATE))
     write_json(
         directory / STATE_JSON,
         {
-            "format": "adalora-export-state/1",
-            "config": config.to_dict(),
-            "step": step,
-            "layers": layers,
-            "order": list(layers),  # model order; JSON objects are written with sorted keys
-            "extra": sorted(adapter.extra_weights),
-            "current_mask": alloc.get("current_mask"),
-            "rank_pattern": alloc.get("rank_pattern"),
-            "final_importance": alloc.get("final_importance"),
-            "meta": meta or {},
+            "format": STATE_FORMAT,
+            "config": state.config.to_dict(),
+            "step": state.step,
+            "layers": state.layers,
+            "order": list(state.layers),  # model order; JSON objects are written with sorted keys
+            "extra": sorted(state.extra),
+            "current_mask": state.current_mask,
+            "rank_pattern": state.rank_pattern,
+            "final_importance": state.final_importance,
+            "meta": state.meta,
         },
     )
 
 
-def load_adapter_state(directory: str | os.PathLike) -> AdapterState:
-    """Read a state directory written by ``save_adapter_state``; bad or missing files are UserErrors."""
+def read_state_dir(directory: str | os.PathLike) -> AdapterState:
+    """Read a state directory written by ``write_state_dir``; bad or missing files are UserErrors."""
     directory = Path(directory)
     info = read_json(directory / STATE_JSON)
     try:
@@ -160,32 +147,3 @@ def compact_from_state(state: AdapterState, **meta) -> CompactAdapter:
         )
     extra = {name: state.tensors[name] for name in state.extra}
     return CompactAdapter(config=state.config, modules=modules, extra_weights=extra, **meta)
-
-
-@torch.no_grad()
-def restore_model(model: nn.Module, state: AdapterState, allocator: RankAllocator | None = None) -> None:
-    """Load a state into a model that ``inject_adapters`` prepared with the same config (and its allocator)."""
-    if state.rank_pattern is not None:
-        shrink_to_rank_pattern(model, state.rank_pattern)
-    ours = dict(adapted_layers(model))
-    if set(ours) != set(state.layers):
-        raise UserError(
-            "checkpoint adapts other modules than this model: " + ", ".join(sorted(set(ours) ^ set(state.layers))[:3])
-        )
-    for path, layer in ours.items():
-        for part in PARTS:
-            getattr(layer, part).copy_(state.tensors[f"{path}.{part}"])
-    params = dict(model.named_parameters())
-    for name in state.extra:
-        params[name].copy_(state.tensors[name])
-    if allocator is not None:
-        allocator.load_state_dict(
-            {
-                "tensors": state.allocator_tensors,
-                "rank_pattern": state.rank_pattern,
-                "current_mask": state.current_mask,
-                "final_importance": state.final_importance,
-                "total_step": state.config.total_step,
-                "config": state.config.to_dict(),
-            }
-        )

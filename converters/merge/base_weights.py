@@ -1,4 +1,4 @@
-"""Reading the base checkpoint from its headers: weight files, index, each tensor's place, tied weights.
+"""Reading the base's weight files from their headers: weight files, index, each tensor's place, tied weights.
 
 safetensors' own reader (``safe_open``) validates every shard; the byte offsets, which it does not
 expose, come from the header itself (8-byte length + JSON, the documented format). A pickled base
@@ -51,7 +51,7 @@ class Entry:
 
 
 @dataclass
-class Checkpoint:
+class BaseWeights:
     """The base's weight files and every tensor's place in them, read from headers only."""
 
     directory: Path
@@ -72,7 +72,7 @@ class Checkpoint:
         return Path(name.replace("pytorch_model", "model", 1)).with_suffix(".safetensors").name
 
 
-def open_checkpoint(base_dir: Path, allow_pickle: bool) -> Checkpoint:
+def open_base_weights(base_dir: Path, allow_pickle: bool) -> BaseWeights:
     """Find the base's weights (safetensors, sharded or not; pickle only when allowed) and read their headers."""
     index, files = _find_weight_files(base_dir)
     pickled = files[0].suffix != ".safetensors"
@@ -95,7 +95,7 @@ def open_checkpoint(base_dir: Path, allow_pickle: bool) -> Checkpoint:
             entry = entries.get(name)
             if entry is None or files[entry.file].name != file:
                 raise UserError(f"{base_dir}: the index places {name} in {file}, which does not hold it")
-    return Checkpoint(base_dir, files, entries, pickled, index, metadata)
+    return BaseWeights(base_dir, files, entries, pickled, index, metadata)
 
 
 def _find_weight_files(base_dir: Path) -> tuple[dict | None, list[Path]]:

@@ -10,7 +10,8 @@ A compact adapter directory holds
 - ``adalora_manifest.json``: ours, beside it: the full config, ranks, budget, parameters, importance.
 
 ``read_adapter_dir`` reads these and the AdaLoRA directories PEFT saved (sliced with a rank_pattern, or
-unsliced at init_r with zeros in E). Reading any source (runs, checkpoints too) is ``sources.load_adapter``.
+unsliced at init_r with zeros in E). Reading any source (runs, checkpoints too) is
+``adalora_export.sources.load_adapter``.
 """
 
 from __future__ import annotations
@@ -22,13 +23,13 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from .adapter import CompactAdapter, ModuleAdapter, TaskInfo
-from .config import AdaLoraConfig
-from .errors import UserError
-from .hf import SEQ_CLS, peft_task_type, task_from_peft
-from .io import atomic_output_dir, check_output_path, load_tensors, read_json, write_json
-from .model import matches_target
-from .state import PARTS
+from ..adapter import CompactAdapter, ModuleAdapter, TaskInfo
+from ..config import AdaLoraConfig
+from ..errors import UserError
+from ..hf import SEQ_CLS, peft_task_type, task_from_peft
+from ..io import atomic_output_dir, check_output_path, load_tensors, read_json, write_json
+from ..layer import PARTS
+from ..model import matches_target
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -39,56 +40,6 @@ PREFIX = "base_model.model."  # PEFT's key prefix: PeftModel -> LoraModel -> the
 
 
 # --------------------------------------------------------------------------------------------- writing
-def adapter_summary(adapter: CompactAdapter) -> dict[str, Any]:
-    """Ranks, parameters and budget of an adapter: the manifest's body and ``inspect --json``.
-
-    ``share`` is a module's part of the final budget, in the config's ``budget_unit``: its rank over
-    target_r x matrices, or its parameters over LoRA's at rank target_r. A finished adapter's shares
-    sum to at most 1 (exactly 1 in triplets); a checkpoint taken during the budget phase is above it.
-    """
-    cfg = adapter.config
-    n = len(adapter.modules)
-    initial_budget, budget = cfg.budgets([(m.in_features, m.out_features) for m in adapter.modules.values()])
-    modules = []
-    for path, m in adapter.modules.items():
-        entry = {
-            "module": path,
-            "rank": m.rank,
-            "in_features": m.in_features,
-            "out_features": m.out_features,
-            "fan_in_fan_out": m.fan_in_fan_out,
-            "parameters": m.num_parameters(),
-            "share": (m.rank if cfg.budget_unit == "triplets" else m.num_parameters()) / budget if budget else None,
-        }
-        if m.importance is not None:
-            entry["importance"] = [float(x) for x in m.importance.view(-1)]
-        modules.append(entry)
-    return {
-        "init_r": cfg.init_r,
-        "target_r": cfg.target_r,
-        "matrices": n,
-        "budget_unit": cfg.budget_unit,
-        "budget": budget,
-        "initial_budget": initial_budget,
-        "total_rank": sum(m.rank for m in adapter.modules.values()),
-        "total_parameters": adapter.num_parameters(),
-        "initial_parameters": sum(cfg.init_r * (m.in_features + m.out_features + 1) for m in adapter.modules.values()),
-        "rank_zero_modules": sum(1 for m in adapter.modules.values() if m.rank == 0),
-        "lora_parameters": lora_parameters(adapter),
-        "extra_weights": {name: list(t.shape) for name, t in adapter.extra_weights.items()},
-        "modules": modules,
-    }
-
-
-def lora_parameters(adapter: CompactAdapter, ranks: tuple[int, ...] = (1, 2, 4, 8, 16, 32)) -> dict[int, int]:
-    """What a fixed-rank LoRA on the same matrices would hold at each uniform rank: r (in + out) each.
-
-    The size users compare against: AdaLoRA's final adapter next to LoRA r = 1, 2, 4, ... on the same targets.
-    """
-    fan = sum(m.in_features + m.out_features for m in adapter.modules.values())
-    return {r: r * fan for r in ranks}
-
-
 def peft_common_config(adapter: CompactAdapter, target_modules: list[str] | str) -> dict[str, Any]:
     """The adapter_config.json fields that PEFT's LoRA and AdaLoRA configs share."""
     return {
@@ -159,7 +110,7 @@ def save_adapter(adapter: CompactAdapter, out_dir: str | os.PathLike, overwrite:
             f"{path}.lora_E": [True] * m.rank + [False] * (cfg.init_r - m.rank) for path, m in adapter.modules.items()
         },
     )
-    manifest = {"format": MANIFEST_FORMAT, "config": cfg.to_dict(), **adapter_summary(adapter)}
+    manifest = {"format": MANIFEST_FORMAT, "config": cfg.to_dict(), **adapter.summary()}
     if adapter.task_info.to_json():
         manifest["task_info"] = adapter.task_info.to_json()
     return write_peft_dir(out_dir, config, tensors, overwrite=overwrite, extra_json={MANIFEST: manifest})
@@ -351,6 +302,6 @@ def _check_module(path: str, a: torch.Tensor, e: torch.Tensor, b: torch.Tensor, 
         )
     if init_r is not None and r > init_r:
         raise UserError(f"{where}: module {path} has rank {r}, above init_r {init_r}")
-    for name, t in (("lora_A", a), ("lora_E", e), ("lora_B", b)):
+    for name, t in zip(PARTS, (a, e, b)):
         if not t.is_floating_point() or (t.numel() and not torch.isfinite(t).all()):
             raise UserError(f"{where}: module {path}.{name} is not a finite floating-point tensor")

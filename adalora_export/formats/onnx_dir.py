@@ -1,4 +1,4 @@
-"""The one definition of an exported ONNX directory, shared by the exporter and the runtime.
+"""The one definition of an exported ONNX directory, shared by both exporters and the runtime.
 
 A directory holds ``model.onnx`` with every weight in ``model.onnx.data`` beside it, the base's
 config (its ``architectures`` set to the task exported) and tokenizer files, ``onnx_manifest.json``
@@ -47,41 +47,67 @@ class OnnxKind(str, enum.Enum):
     MERGED = "merged"  # the adapter merged into the base weights
     RANK_COMPACT = "rank_compact"  # base weights + one branch per adapted layer at its final rank
     ADAPTER_INPUTS = "adapter_inputs"  # branch weights are graph inputs: adapters swap per request
-    OPTIMIZED = "optimized"  # merged, built by onnxruntime-genai's model builder (fused attention, int4)
+    OPTIMIZED = "optimized"  # built by onnxruntime-genai's model builder (fused attention, int4)
+
+
+def rank_axis(path: str) -> str:
+    """The symbolic name of one layer's rank axis in an adapter-input graph (one name per layer:
+    onnxruntime's memory planner fails when layers of different ranks share one)."""
+    return "rank_" + path.replace(".", "_")
+
+
+def branch_entry(path: str, down: str, up: str, in_features: int, out_features: int) -> dict:
+    """The manifest's entry for one adapter-input branch: its two input names (``down``: in x rank,
+    ``up``: rank x out), the layer's sizes and its rank axis. Both exporters write it; ``.onnx_adapter``
+    files and the runtime read it."""
+    return {"down": down, "up": up, "in": in_features, "out": out_features, "rank_axis": rank_axis(path)}
 
 
 @dataclass
 class Manifest:
-    """The manifest's fields known before tracing, in their order in ``onnx_manifest.json``.
+    """``onnx_manifest.json``: what a server (and a person) needs to know about an exported graph.
 
-    The export adds ``inputs``, ``outputs``, ``cache`` (with_past), ``adapter_file`` (adapter
-    inputs) and ``parity`` to the dict that ``to_dict`` returns.
+    Both exporters fill it; ``to_dict`` is the file's content, fields in this order. ``adapter_inputs``
+    says whether the graph takes ``.onnx_adapter`` files (``takes_adapters`` reads it).
     """
 
     kind: OnnxKind
     task: str
     model_type: str
     dtype: str
-    opset: int
-    with_past: bool
     exporter: str
     base_model_name_or_path: str
-    init_r: int
-    lora_alpha: float
-    scale: float
-    rank_pattern: dict[str, int]
-    # rank_compact: module path -> rank; adapter_inputs: module path -> {down, up, in, out, rank_axis}
+    rank_pattern: dict[str, int]  # module path -> final rank
+    adapter_inputs: bool = False
+    opset: int | None = None  # TorchScript graphs; the builder chooses its own
+    target: str | None = None  # optimized graphs: the execution provider the builder targeted
+    with_past: bool = False  # a KV cache (``cache``); every optimized graph has one
+    init_r: int | None = None
+    lora_alpha: float | None = None
+    scale: float | None = None
+    # rank_compact: module path -> rank; adapter inputs: module path -> ``branch_entry``
     branches: dict = field(default_factory=dict)
     extra_inputs: dict[str, list[int]] = field(default_factory=dict)  # swappable head weights -> shape
     eos_token_ids: list[int] = field(default_factory=list)
     labels: dict[str, str] = field(default_factory=dict)  # seq_cls: class index -> label
     max_length: int | None = None  # tokens per example in training: the server truncates to it
     pad_token_id: int | None = None
+    inputs: list[dict] = field(default_factory=list)  # the graph's data inputs: name, dtype, shape
+    outputs: list[dict] = field(default_factory=list)
+    cache: dict | None = None  # with_past: cache input/output names, layers, kv heads, head size
+    adapter_file: str | None = None  # adapter inputs: the exported adapter beside the graph
+    genai_config: str | None = None  # onnxruntime-genai's config beside the graph, when written
+    parity: dict = field(default_factory=dict)  # the check's figures against torch
 
     def to_dict(self) -> dict:
         fields = {name: getattr(self, name) for name in self.__dataclass_fields__}
         fields["kind"] = OnnxKind(self.kind).value
         return {"format": MANIFEST_FORMAT, "version": MANIFEST_VERSION, **fields}
+
+
+def takes_adapters(manifest: dict) -> bool:
+    """True for a graph whose branch weights are inputs (``.onnx_adapter`` files swap into it)."""
+    return bool(manifest.get("adapter_inputs")) or manifest.get("kind") == OnnxKind.ADAPTER_INPUTS.value
 
 
 def genai_config(manifest: dict, config: dict) -> dict:
