@@ -12,6 +12,9 @@ from .errors import UserError
 TRAIN_TYPES = ("adalora",)  # a fixed-rank baseline is adalora with target_r == init_r
 PRESETS = ("paper", "recommended")
 BUDGET_UNITS = ("triplets", "params")
+# The paper's seed parameters: fields of AdaLoraConfig, of PEFT's AdaLoraConfig, and train's --adalora_<name>.
+SEED_PARAMETERS = ("target_r", "init_r", "tinit", "tfinal", "deltaT", "beta1", "beta2", "orth_reg_weight")
+BEYOND_PAPER = ("final_orth_reg_weight", "budget_unit")  # our options; a preset sets them (train's --adalora_<name>)
 
 
 def lora_scale(lora_alpha: float, init_r: int) -> float:

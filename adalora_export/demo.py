@@ -18,13 +18,14 @@ from pathlib import Path
 
 import torch
 
+from .adapter import CompactAdapter
 from .converters.merge import merge_into_base, verify_merge
 from .converters.onnx import OnnxKind, export_onnx
 from .io import check_output_path
 from .serving import OnnxServer
 from .sources import load_adapter
 from .toy import write_toy_model
-from .training import train
+from .training import TrainResult, train
 
 VOCAB_NUMBERS = 100
 
@@ -75,6 +76,38 @@ def _demo_root(output: str | None, overwrite: bool) -> Path:
 def _run_demo(output: str | None, steps: int | None, overwrite: bool) -> dict:
     started = time.time()
     root = _demo_root(output, overwrite)
+    base, result = _train_demo(root, steps)
+    adapter_dir = root / "run" / "adapter"
+    adapter = load_adapter(adapter_dir)
+    summary = {
+        "loss_start": result.loss_start,
+        "loss_end": result.loss_end,
+        "eval_loss_start": result.eval_start.get("eval_loss"),
+        "eval_loss_end": result.eval_end.get("eval_loss"),
+        "train_seconds": result.wall_time,
+        "ranks": result.ranks,
+        "adapter_parameters": adapter.num_parameters(),
+        "files": [str(p) for p in result.files],
+    }
+    print(
+        f"\ntrained {result.total_step} steps in {result.wall_time:.1f}s: loss {result.loss_start:.3f} -> "
+        f"{result.loss_end:.3f}, eval loss {summary['eval_loss_start']:.3f} -> {summary['eval_loss_end']:.3f}"
+    )
+    print(
+        f"pruned adapter {adapter_dir}: {adapter.num_parameters():,} parameters, "
+        f"{sum(result.ranks.values())} triplets (budget {result.budget:,} {result.budget_unit}); ranks per layer:"
+    )
+    for path, rank in result.ranks.items():
+        print(f"  {path:40s} {rank:2d} {'#' * rank}")
+    summary.update(_ship_demo(root, base, adapter))
+    summary["files"] += [str(root / "merged"), str(root / "onnx")]
+    summary["wall_seconds"] = time.time() - started
+    _print_summary(summary, result.ranks)
+    return summary
+
+
+def _train_demo(root: Path, steps: int | None) -> tuple[Path, TrainResult]:
+    """The toy base and its data under ``root``, then the training run ``root/run``: (base, TrainResult)."""
     base = write_toy_model(root / "base", [str(i) for i in range(VOCAB_NUMBERS)], hidden=256, layers=2)
     (root / "data").mkdir()
     train_file = write_jsonl(root / "data" / "train.jsonl", [{"text": t} for t in progressions(4096, seed=1)])
@@ -101,42 +134,19 @@ def _run_demo(output: str | None, steps: int | None, overwrite: bool) -> dict:
         adalora_tfinal=total // 5,
         adalora_deltaT=5,
     )
-    adapter_dir = root / "run" / "adapter"
-    adapter = load_adapter(adapter_dir)
-    summary = {
-        "loss_start": result.loss_start,
-        "loss_end": result.loss_end,
-        "eval_loss_start": result.eval_start.get("eval_loss"),
-        "eval_loss_end": result.eval_end.get("eval_loss"),
-        "train_seconds": result.wall_time,
-        "ranks": result.ranks,
-        "adapter_parameters": adapter.num_parameters(),
-        "files": [str(p) for p in result.files],
-    }
-    print(
-        f"\ntrained {result.total_step} steps in {result.wall_time:.1f}s: loss {result.loss_start:.3f} -> "
-        f"{result.loss_end:.3f}, eval loss {summary['eval_loss_start']:.3f} -> {summary['eval_loss_end']:.3f}"
-    )
-    print(
-        f"pruned adapter {adapter_dir}: {adapter.num_parameters():,} parameters, "
-        f"{sum(result.ranks.values())} triplets (budget {result.budget:,} {result.budget_unit}); ranks per layer:"
-    )
-    for path, rank in result.ranks.items():
-        print(f"  {path:40s} {rank:2d} {'#' * rank}")
+    return base, result
 
+
+def _ship_demo(root: Path, base: Path, adapter: CompactAdapter) -> dict:
+    """Merge the adapter, export the merged ONNX graph with a KV cache and generate from it."""
     merge_into_base(adapter, base, root / "merged")
-    summary["merge_max_abs_diff"] = verify_merge(adapter, base, root / "merged")
-    summary["files"].append(str(root / "merged"))
-    onnx_dir = root / "onnx"
-    manifest = export_onnx(adapter, base, onnx_dir, kind=OnnxKind.MERGED, with_past=True)
-    summary["files"].append(str(onnx_dir))
-    summary["onnx_max_relative_error"] = manifest["parity"]["max_relative_error"]
+    figures = {"merge_max_abs_diff": verify_merge(adapter, base, root / "merged")}
+    manifest = export_onnx(adapter, base, root / "onnx", kind=OnnxKind.MERGED, with_past=True)
+    figures["onnx_max_relative_error"] = manifest["parity"]["max_relative_error"]
     prompt = "12 15 18"
-    text = OnnxServer(onnx_dir, provider="cpu").generate(prompt, max_new_tokens=6)
-    summary["generation"] = {"prompt": prompt, "output": text, "expected": "21 24 27 30 33 36"}
-    summary["wall_seconds"] = time.time() - started
-    _print_summary(summary, result.ranks)
-    return summary
+    text = OnnxServer(root / "onnx", provider="cpu").generate(prompt, max_new_tokens=6)
+    figures["generation"] = {"prompt": prompt, "output": text, "expected": "21 24 27 30 33 36"}
+    return figures
 
 
 def _print_summary(summary: dict, ranks: dict[str, int]) -> None:

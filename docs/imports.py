@@ -28,7 +28,7 @@ STAGES = [
     ["model"],
     ["allocator"],
     ["adapter", PACKAGE],
-    ["state", "formats"],
+    ["formats"],
     ["sources"],
     ["prune", "report"],
     ["training"],  # the training branch
@@ -38,7 +38,18 @@ STAGES = [
     ["demo"],
     ["cli"],
 ]
-NEVER = [("training", "converters"), ("converters", "training"), ("converters", "serving")]
+NEVER = [
+    ("training", "converters"),
+    ("converters", "training"),
+    ("converters", "serving"),
+    ("serving", "converters"),
+]
+# What a group may not reach through any chain of imports: converters take a CompactAdapter and never
+# touch training state or the allocator; the runtime reads exported directories only.
+UNREACHABLE = {
+    "converters": ["allocator", "training", "sources", "formats.state"],
+    "serving": ["allocator", "training", "sources", "formats.state", "formats.peft", "converters"],
+}
 
 
 def module_name(path: Path) -> str:
@@ -99,17 +110,46 @@ def stage(name: str) -> int:
     raise SystemExit(f"{name} has no stage in docs/imports.py STAGES: add it")
 
 
+def reach(start: str, edges: dict[str, set[str]]) -> dict[str, list[str]]:
+    """Every module ``start`` imports through any chain, with one chain that leads there."""
+    paths, todo = {start: [start]}, [start]
+    while todo:
+        name = todo.pop()
+        for target in sorted(edges[name]):
+            if target not in paths:
+                paths[target] = paths[name] + [target]
+                todo.append(target)
+    return paths
+
+
+def unreachable_hits(edges: dict[str, set[str]]) -> list[str]:
+    """Chains from a group to a module it may not reach (``UNREACHABLE``)."""
+    hits = []
+    for name in sorted(edges):
+        banned = [f"{PACKAGE}.{b}" for b in UNREACHABLE.get(group(name), [])]
+        for target, chain in sorted(reach(name, edges).items()):
+            if any(target == b or target.startswith(b + ".") for b in banned):
+                hits.append(" -> ".join(chain))
+    return hits
+
+
 def main() -> int:
     found = modules()
+    edges = {name: imports_of(name, found[name], set(found)) for name in found}
     bad = []
     for name in sorted(found):
-        for target in sorted(imports_of(name, found[name], set(found))):
+        for target in sorted(edges[name]):
             wrong = stage(target) > stage(name) or (group(name), group(target)) in NEVER
             if wrong:
                 bad.append((name, target))
             print(f"{name} -> {target}{'   <-- AGAINST THE FLOW' if wrong else ''}")
+    hits = unreachable_hits(edges)
+    for chain in hits:
+        print(f"REACHES WHAT IT MAY NOT: {chain}")
     print(f"\n{len(found)} modules; {len(bad)} edge(s) against the flow")
-    return 1 if bad else 0
+    rules = "; ".join(f"{g} never reaches {', '.join(banned)}" for g, banned in UNREACHABLE.items())
+    print(f"{len(hits)} chain(s) breaking: {rules}")
+    return 1 if bad or hits else 0
 
 
 if __name__ == "__main__":

@@ -117,33 +117,9 @@ def genai_config(manifest: dict, config: dict) -> dict:
     Written by hand because onnxruntime-genai's builder writes it only for graphs it builds itself.
     Our graph concatenates the cache (present = past + new), so the cache buffer is not shared.
     """
-    cache = manifest["cache"]
     text = config.get("text_config") or config
     eos = manifest.get("eos_token_ids") or []
     context = text.get("max_position_embeddings") or text.get("n_positions") or 2048
-    inputs = {i["name"] for i in manifest["inputs"]}
-    names = {"input_ids": "input_ids", "attention_mask": "attention_mask"}
-    if "position_ids" in inputs:
-        names["position_ids"] = "position_ids"
-    heads = text.get("num_attention_heads") or text.get("n_head")
-    decoder = {
-        "session_options": {"log_id": "onnxruntime-genai", "provider_options": []},
-        "filename": MODEL_FILE,
-        "head_size": cache["head_dim"],
-        "hidden_size": text.get("hidden_size") or text.get("n_embd"),
-        "inputs": {**names, "past_key_names": "past_key_values.%d.key", "past_value_names": "past_key_values.%d.value"},
-        "outputs": {
-            "logits": "logits",
-            "present_key_names": "present.%d.key",
-            "present_value_names": "present.%d.value",
-        },
-        "num_attention_heads": heads,
-        "num_hidden_layers": cache["num_layers"],
-        "num_key_value_heads": cache["num_kv_heads"],
-    }
-    expected = [f"past_key_values.{i}.{kv}" for i in range(cache["num_layers"]) for kv in ("key", "value")]
-    if cache["inputs"] != expected:
-        raise ValueError(f"cache inputs {cache['inputs'][:2]}... do not follow past_key_values.%d.key/value")
     model = {
         # onnxruntime-genai picks its model class by type; "gpt2" selects its legacy class with one
         # combined cache tensor per layer, while every graph of ours has the generic decoder-only
@@ -154,7 +130,7 @@ def genai_config(manifest: dict, config: dict) -> dict:
         "pad_token_id": text.get("pad_token_id") if text.get("pad_token_id") is not None else (eos or [0])[0],
         "context_length": context,
         "vocab_size": text.get("vocab_size"),
-        "decoder": decoder,
+        "decoder": _genai_decoder(manifest, text),
     }
     search = {
         "do_sample": False,
@@ -169,6 +145,33 @@ def genai_config(manifest: dict, config: dict) -> dict:
         "top_p": 1.0,
     }
     return {"model": model, "search": search}
+
+
+def _genai_decoder(manifest: dict, text: dict) -> dict:
+    """The ``decoder`` section: the graph's file, sizes, and its input and output names."""
+    cache = manifest["cache"]
+    expected = [f"past_key_values.{i}.{kv}" for i in range(cache["num_layers"]) for kv in ("key", "value")]
+    if cache["inputs"] != expected:
+        raise ValueError(f"cache inputs {cache['inputs'][:2]}... do not follow past_key_values.%d.key/value")
+    inputs = {i["name"] for i in manifest["inputs"]}
+    names = {"input_ids": "input_ids", "attention_mask": "attention_mask"}
+    if "position_ids" in inputs:
+        names["position_ids"] = "position_ids"
+    return {
+        "session_options": {"log_id": "onnxruntime-genai", "provider_options": []},
+        "filename": MODEL_FILE,
+        "head_size": cache["head_dim"],
+        "hidden_size": text.get("hidden_size") or text.get("n_embd"),
+        "inputs": {**names, "past_key_names": "past_key_values.%d.key", "past_value_names": "past_key_values.%d.value"},
+        "outputs": {
+            "logits": "logits",
+            "present_key_names": "present.%d.key",
+            "present_value_names": "present.%d.value",
+        },
+        "num_attention_heads": text.get("num_attention_heads") or text.get("n_head"),
+        "num_hidden_layers": cache["num_layers"],
+        "num_key_value_heads": cache["num_kv_heads"],
+    }
 
 
 def import_onnxruntime_genai():

@@ -24,7 +24,7 @@ import torch
 from safetensors.torch import save_file
 
 from ..adapter import CompactAdapter, ModuleAdapter, TaskInfo
-from ..config import AdaLoraConfig
+from ..config import SEED_PARAMETERS, AdaLoraConfig
 from ..errors import UserError
 from ..hf import SEQ_CLS, peft_task_type, task_from_peft
 from ..io import atomic_output_dir, check_output_path, load_tensors, read_json, write_json
@@ -96,14 +96,7 @@ def save_adapter(adapter: CompactAdapter, out_dir: str | os.PathLike, overwrite:
     config = peft_common_config(adapter, _peft_target_modules(adapter))
     config.update(
         peft_type="ADALORA",
-        init_r=cfg.init_r,
-        target_r=cfg.target_r,
-        tinit=cfg.tinit,
-        tfinal=cfg.tfinal,
-        deltaT=cfg.deltaT,
-        beta1=cfg.beta1,
-        beta2=cfg.beta2,
-        orth_reg_weight=cfg.orth_reg_weight,
+        **{name: getattr(cfg, name) for name in SEED_PARAMETERS},
         # PEFT refuses a config without a budget phase; an adapter built outside a run may not know its length.
         total_step=cfg.total_step if cfg.total_step is not None else cfg.tinit + cfg.tfinal + 1,
         rank_pattern={
@@ -155,19 +148,9 @@ def read_adapter_dir(path: str | os.PathLike, allow_pickle: bool = False) -> Com
         weights = path / ADAPTER_WEIGHTS_PICKLE
     tensors = load_tensors(weights, allow_pickle=allow_pickle)
 
-    groups: dict[str, dict[str, torch.Tensor]] = {}
-    extra = {}
-    for key, value in tensors.items():
-        if not key.startswith(PREFIX):
-            raise UserError(f"{weights}: unexpected tensor {key} (PEFT names start with {PREFIX})")
-        name = key[len(PREFIX) :]
-        module, _, part = name.rpartition(".")
-        if part in PARTS:
-            groups.setdefault(module, {})[part] = value
-        elif part != "ranknum":  # older PEFT versions saved ranknum; it is always init_r
-            extra[name] = value.float() if value.is_floating_point() else value
-    pattern = _read_rank_pattern(raw.get("rank_pattern"), config.init_r, config_path)
-    unknown = sorted(pattern.keys() - groups.keys())
+    groups, extra = _split_tensors(tensors, weights)
+    keep_lists = _read_keep_lists(raw.get("rank_pattern"), config.init_r, config_path)
+    unknown = sorted(keep_lists.keys() - groups.keys())
     if unknown:
         raise UserError(f"{config_path}: rank_pattern names module {unknown[0]}, which has no tensors in {weights}")
     if not groups:
@@ -175,14 +158,14 @@ def read_adapter_dir(path: str | os.PathLike, allow_pickle: bool = False) -> Com
 
     info = {m["module"]: m for m in manifest.get("modules", [])}
     modules = {}
-    for module in _model_order(groups, [*info, *pattern]):
+    for module in _model_order(groups, [*info, *keep_lists]):
         parts = groups[module]
         missing = [p for p in PARTS if p not in parts]
         if missing:
             raise UserError(f"{weights} is missing tensor {PREFIX}{module}.{missing[0]}")
         a, e, b = (parts[p].float() for p in PARTS)
         _check_module(module, a, e, b, config.init_r, str(weights))
-        keep = _keep_mask(module, e, pattern.get(module), weights)
+        keep = _keep_mask(module, e, keep_lists.get(module), weights)
         kept = e.shape[0] if keep is None else int(keep.sum())
         modules[module] = ModuleAdapter.from_triplets(
             a,
@@ -204,6 +187,24 @@ def read_adapter_dir(path: str | os.PathLike, allow_pickle: bool = False) -> Com
         extra_weights=extra,
         task_info=task_info,
     )
+
+
+def _split_tensors(
+    tensors: dict[str, torch.Tensor], weights: Path
+) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, torch.Tensor]]:
+    """({module path: {part: tensor}}, {extra weight name: tensor}) from PEFT's keys."""
+    groups: dict[str, dict[str, torch.Tensor]] = {}
+    extra = {}
+    for key, value in tensors.items():
+        if not key.startswith(PREFIX):
+            raise UserError(f"{weights}: unexpected tensor {key} (PEFT names start with {PREFIX})")
+        name = key[len(PREFIX) :]
+        module, _, part = name.rpartition(".")
+        if part in PARTS:
+            groups.setdefault(module, {})[part] = value
+        elif part != "ranknum":  # older PEFT versions saved ranknum; it is always init_r
+            extra[name] = value.float() if value.is_floating_point() else value
+    return groups, extra
 
 
 def _model_order(groups: dict[str, Any], known_order: list[str]) -> list[str]:
@@ -237,13 +238,14 @@ def _read_config(data: Any, where: Path) -> AdaLoraConfig:
         raise UserError(f"{where}: {exc}") from None
 
 
-def _read_rank_pattern(raw: Any, init_r: int, where: Path) -> dict[str, list[bool]]:
-    """``{module path: keep list}`` from PEFT's ``{"<path>.lora_E[.<adapter>]": [bool] * init_r}``."""
+def _read_keep_lists(raw: Any, init_r: int, where: Path) -> dict[str, list[bool]]:
+    """``{module path: keep list}`` from PEFT's AdaLoRA ``rank_pattern``,
+    ``{"<path>.lora_E[.<adapter>]": [bool] * init_r}`` (our ``rank_pattern`` elsewhere is ranks)."""
     if raw is None:
         return {}
     if not isinstance(raw, dict):
         raise UserError(f"{where}: rank_pattern is not an object")
-    pattern = {}
+    keep_lists = {}
     for key, keep in raw.items():
         module, sep, _ = key.rpartition(".lora_E")
         if not sep:
@@ -252,8 +254,8 @@ def _read_rank_pattern(raw: Any, init_r: int, where: Path) -> dict[str, list[boo
             raise UserError(f"{where}: rank_pattern entry for {module} is not a list of booleans")
         if len(keep) != init_r:
             raise UserError(f"{where}: rank_pattern entry for {module} has {len(keep)} entries, init_r is {init_r}")
-        pattern[module] = [bool(k) for k in keep]
-    return pattern
+        keep_lists[module] = [bool(k) for k in keep]
+    return keep_lists
 
 
 def _keep_mask(module: str, e: torch.Tensor, keep: list[bool] | None, where: Path) -> torch.Tensor | None:

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..config import BUDGET_UNITS, PRESETS, TRAIN_TYPES, AdaLoraConfig, preset_schedule
+from ..config import BEYOND_PAPER, BUDGET_UNITS, PRESETS, SEED_PARAMETERS, TRAIN_TYPES, AdaLoraConfig, preset_schedule
 from ..errors import UserError
 from ..hf import CAUSAL_LM, SEQ_CLS
 from ..io import read_json
@@ -116,20 +116,9 @@ class TrainArgs:
         """The AdaLoRA config of these options (validated: bad values are UserErrors). Given the run's
         ``total_step``, the preset fills the schedule options left unset, and it is checked."""
         preset = preset_schedule(self.adalora_preset, total_step or 1)
-        explicit = {
-            "tinit": self.adalora_tinit,
-            "tfinal": self.adalora_tfinal,
-            "final_orth_reg_weight": self.adalora_final_orth_reg_weight,
-            "budget_unit": self.adalora_budget_unit,
-        }
-        options = {**preset, **{k: v for k, v in explicit.items() if v is not None}}
+        given = {name: getattr(self, f"adalora_{name}") for name in (*SEED_PARAMETERS, *BEYOND_PAPER)}
+        options = {**preset, **{k: v for k, v in given.items() if v is not None}}  # explicit flags win
         return AdaLoraConfig(
-            target_r=self.adalora_target_r,
-            init_r=self.adalora_init_r,
-            deltaT=self.adalora_deltaT,
-            beta1=self.adalora_beta1,
-            beta2=self.adalora_beta2,
-            orth_reg_weight=self.adalora_orth_reg_weight,
             lora_alpha=self.lora_alpha,
             lora_dropout=self.lora_dropout,
             target_modules=self.target_modules,

@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 from support import make_adapter, make_base, run_cli
 
+from adalora_export.errors import UserError
 from adalora_export.serving import OnnxServer
 from adalora_export.sources import load_adapter
 
@@ -152,13 +154,22 @@ def test_an_architecture_the_builder_does_not_take_is_refused(tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
-def test_adapter_inputs_on_the_builders_graph_hot_swap_adapters_of_any_ranks(built, tmp_path):
+@pytest.fixture(scope="module")
+def adapter_graph(built):
+    """The builder's graph with adapter inputs (the first adapter exported with it) and a second adapter
+    of other ranks per layer: (graph, second adapter's directory)."""
+    base, first, _, tmp = built
+    second = make_adapter(base, tmp / "second", seed=1, ranks=(1, 4, 0, 2))  # other ranks per layer
+    out = tmp / "adapter_graph"
+    assert run_cli("export", str(first), "--onnx", "--optimized", "--adapter-inputs", "-o", str(out)) == 0
+    return out, second
+
+
+def test_adapter_inputs_on_the_builders_graph_hot_swap_adapters_of_any_ranks(built, adapter_graph, tmp_path):
     from transformers import AutoModelForCausalLM
 
     base, first, _, _ = built
-    second = make_adapter(base, tmp_path / "second", seed=1, ranks=(1, 4, 0, 2))  # other ranks per layer
-    out = tmp_path / "graph"
-    assert run_cli("export", str(first), "--onnx", "--optimized", "--adapter-inputs", "-o", str(out)) == 0
+    out, second = adapter_graph
     manifest = json.loads((out / "onnx_manifest.json").read_text())
     assert manifest["adapter_inputs"] and manifest["parity"]["greedy_agreement"] == 1.0
     assert len({b["rank_axis"] for b in manifest["branches"].values()}) == len(manifest["branches"])  # one axis each
@@ -190,3 +201,37 @@ def test_adapter_inputs_on_the_builders_graph_hot_swap_adapters_of_any_ranks(bui
     assert server.generate(PROMPTS[0], 6) == decode(wants["second"], skip_special_tokens=True)
     server.set_adapter(None)
     assert server.generate(PROMPTS[0], 6) == decode(plain, skip_special_tokens=True)
+
+
+def test_set_adapter_none_releases_the_adapters_and_serves_the_base(adapter_graph, monkeypatch):
+    """set_adapter(None) drops the loaded og.Adapters (nothing holds them any more) and generates exactly
+    what the base graph generates."""
+    import gc
+    import weakref
+
+    og = pytest.importorskip("onnxruntime_genai")
+    made = []
+
+    class Tracked(og.Adapters):  # each og.Adapters the server makes, watched through a weak reference
+        def __init__(self, *args):
+            super().__init__(*args)
+            made.append(weakref.ref(self))
+
+    monkeypatch.setattr(og, "Adapters", Tracked)
+    out, _ = adapter_graph
+    base_text = OnnxServer(out).generate(PROMPTS[0], 6)
+    server = OnnxServer(out, adapter=out / "adapter.onnx_adapter")
+    assert server.generate(PROMPTS[0], 6) != base_text  # the adapter was active
+    server.set_adapter(None)
+    gc.collect()
+    assert made and all(ref() is None for ref in made)  # released, not merely inactive
+    assert server.generate(PROMPTS[0], 6) == base_text
+
+
+def test_run_on_an_optimized_graph_is_a_user_error(built):
+    """onnxruntime-genai runs the builder's graphs (no plain session): ``run`` says so instead of failing."""
+    _, _, graphs, _ = built
+    server = OnnxServer(graphs["fp32"])
+    ids = np.asarray([server.tokenizer(PROMPTS[0])["input_ids"]], np.int64)
+    with pytest.raises(UserError, match="onnxruntime-genai.*generate or stream.*genai_model"):
+        server.run({"input_ids": ids, "attention_mask": np.ones_like(ids)})

@@ -1,0 +1,56 @@
+"""The one interface ``OnnxServer`` drives, whichever runtime runs the graph.
+
+An engine holds one loaded graph and the active adapter: ``run`` is one forward pass,
+``generate_batch_ids`` the token loop (the server checks the request first), ``set_adapter`` swaps the
+adapter (the server checks first that the graph takes adapters). ``OrtEngine`` is our own loop over an
+onnxruntime session; ``GenaiEngine`` drives onnxruntime-genai (the builder's optimized graphs).
+"""
+
+from __future__ import annotations
+
+import os
+from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class GenerateOptions:
+    """How each new token is chosen: the argmax, or (``do_sample``) a draw seeded by ``seed`` from
+    softmax(logits / ``temperature``) over the ``top_k`` best; ``use_cache``: feed only the tokens the
+    graph has not seen through its KV cache, when it has one (onnxruntime-genai always does)."""
+
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_k: int | None = None
+    seed: int | None = None
+    use_cache: bool = True
+
+
+class Engine(ABC):
+    """One loaded graph and its active adapter, for many requests."""
+
+    session = None  # the onnxruntime InferenceSession, when the engine runs one itself
+    genai_model = None  # the onnxruntime_genai.Model, when onnxruntime-genai drives the graph
+    input_names: frozenset[str] = frozenset()  # the graph inputs ``run`` feeds
+
+    @property
+    @abstractmethod
+    def provider(self) -> str:
+        """The execution provider the graph runs on (``CUDAExecutionProvider``, ``CPUExecutionProvider``)."""
+
+    @abstractmethod
+    def set_adapter(self, path: str | os.PathLike | None) -> None:
+        """Activate an ``.onnx_adapter`` for the following requests; None: the base model, holding no adapter."""
+
+    @abstractmethod
+    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """One forward pass with the active adapter; outputs by name."""
+
+    @abstractmethod
+    def generate_batch_ids(
+        self, batch: list[list[int]], max_new_tokens: int, options: GenerateOptions
+    ) -> Iterator[list[int | None]]:
+        """Per step, each row's new token (None once the row has ended with an end-of-sequence token)."""
