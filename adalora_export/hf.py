@@ -146,3 +146,13 @@ def load_pretrained(
             return cls.from_pretrained(str(path), trust_remote_code=False, local_files_only=True, **kwargs)
     except (OSError, ValueError, KeyError, SafetensorError) as exc:  # missing, truncated or corrupt weights
         raise UserError(f"cannot load model from {path}: {str(exc).splitlines()[0]}") from None
+
+
+def eos_token_ids(model: nn.Module) -> list[int]:
+    """The model's end-of-sequence ids (its generation config's, else its config's), recorded in
+    every exported manifest."""
+    config = getattr(model, "generation_config", None) or model.config
+    eos = getattr(config, "eos_token_id", None)
+    if eos is None:
+        return []
+    return [int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos])]

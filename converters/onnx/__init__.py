@@ -1,7 +1,9 @@
-"""ONNX export: merged, rank-compact and adapter-input graphs, each checked against torch.
+"""ONNX export: merged, rank-compact, adapter-input and optimized graphs, each checked against torch.
 
-``export_onnx`` writes a graph directory (its layout: ``layout``); ``write_onnx_adapter`` writes
-another adapter for an existing adapter-input graph. Serving the graphs is ``adalora_export.serving``.
+``export_onnx`` traces a graph directory (its layout: ``adalora_export.formats.onnx_dir``);
+``export_optimized`` has onnxruntime-genai's builder make one (``optimized``, ``builder_graph``);
+``write_onnx_adapter`` writes another adapter for an existing adapter-input graph. Serving the graphs
+is ``adalora_export.serving``.
 """
 
 from __future__ import annotations

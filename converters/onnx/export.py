@@ -18,7 +18,6 @@ fails with a UserError, leaving nothing behind, when they exceed the tolerance.
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,7 +39,7 @@ from adalora_export.formats.onnx_dir import (
     copy_tokenizer_files,
     genai_config,
 )
-from adalora_export.hf import CAUSAL_LM, SEQ_CLS, TASKS, check_model_dir, infer_task
+from adalora_export.hf import CAUSAL_LM, SEQ_CLS, TASKS, check_model_dir, eos_token_ids, infer_task
 from adalora_export.io import atomic_output_dir, check_output_path, release_freed_memory, write_json
 from adalora_export.layer import SVDLinear
 
@@ -60,7 +59,7 @@ from .graph import (
     save_graph,
     trace_to_onnx,
 )
-from .parity import check_parity, parity_samples, torch_reference
+from .parity import check_parity, check_tolerance, parity_samples, torch_reference
 
 DTYPES = ("fp32", "fp16")
 # Largest accepted max|onnx - torch| / max|torch| over unpadded positions. fp16 rounds every
@@ -117,38 +116,16 @@ def export_onnx(
     kind = _check_options(kind, dtype, opset, tolerance)
     output = check_output_path(output, overwrite)
     base_dir = Path(base_dir)
-    base_config = check_model_dir(base_dir)
-    adapter.check_head(base_config, str(base_dir))
-    task = _task(adapter, base_config)
-    if with_past and task != CAUSAL_LM:
-        raise UserError(f"--with-past needs a causal LM; {base_dir} is a {task} model")
-    tolerance = DEFAULT_TOLERANCE[dtype] if tolerance is None else tolerance
-    settings = _Settings(kind, task, dtype, opset or DEFAULT_OPSET, with_past, tolerance)
+    settings = _settings(adapter, base_dir, kind, dtype, opset, with_past, tolerance)
 
     with tqdm(total=6, desc=f"ONNX export ({kind.value}, {dtype})", unit="stage") as stages:
         stages.set_postfix_str("loading")
-        # In the base's own dtype: a bf16 base is never held in fp32 whole (torch_reference computes in
-        # fp32 module by module); the adapter's trained head weights stay fp32 for the reference.
-        model = adapter.load_base(base_dir, allow_pickle=allow_pickle, dtype="auto")
-        adapter.check_fits(*model_shapes(model), base=str(base_dir))
-        for name in adapter.extra_weights:
-            model.get_parameter(name).data = model.get_parameter(name).data.float()
-        samples = parity_samples(model, graph_spec(model, task, with_past))
+        model, base_extras = _load(adapter, base_dir, allow_pickle)
+        samples = parity_samples(model, graph_spec(model, settings.task, with_past))
         stages.update()
 
         stages.set_postfix_str("torch reference")
-        base_extras = {name: model.get_parameter(name).detach().clone() for name in adapter.extra_weights}
-        try:
-            base_refs = torch_reference(model, task, with_past, samples) if kind == OnnxKind.ADAPTER_INPUTS else None
-            adapter.apply_to(model, base=str(base_dir))
-            refs = torch_reference(model, task, with_past, samples)
-        except ValueError as exc:  # transformers' decoder classifiers find each row's last token by the pad id
-            if "padding token" not in str(exc):
-                raise
-            raise UserError(
-                f"the {model.config.model_type} classifier needs a pad token id for batches, and neither the adapter "
-                f"nor {base_dir}/config.json records one: set pad_token_id in that config (train records its own)"
-            ) from None
+        refs, base_refs = _references(model, adapter, settings, samples, base_dir)
         stages.update()
 
         stages.set_postfix_str("tracing")
@@ -167,12 +144,12 @@ def export_onnx(
             stages.update()
 
             stages.set_postfix_str("onnxruntime check")
-            manifest["parity"] = check_parity(
-                model_path, manifest, traced.spec, samples, refs, base_refs, settings.tolerance
+            manifest.parity = check_parity(
+                model_path, manifest.to_dict(), traced.spec, samples, refs, base_refs, settings.tolerance
             )
-            write_json(tmp / MANIFEST, manifest)
+            write_json(tmp / MANIFEST, manifest.to_dict())
             stages.update()
-    return manifest
+    return manifest.to_dict()
 
 
 def _check_options(kind: OnnxKind | str, dtype: str, opset: int | None, tolerance: float | None) -> OnnxKind:
@@ -191,10 +168,56 @@ def _check_options(kind: OnnxKind | str, dtype: str, opset: int | None, toleranc
     return kind
 
 
-def check_tolerance(tolerance: float | None) -> None:
-    """A UserError unless ``tolerance`` is None (the dtype's default) or a positive finite number."""
-    if tolerance is not None and not (math.isfinite(tolerance) and tolerance > 0):
-        raise UserError(f"tolerance must be a positive number, got {tolerance}")
+def _settings(
+    adapter: CompactAdapter,
+    base_dir: Path,
+    kind: OnnxKind,
+    dtype: str,
+    opset: int | None,
+    with_past: bool,
+    tolerance: float | None,
+) -> _Settings:
+    """The export's settings; a UserError for a base the adapter does not fit or a cache on a non-LM."""
+    base_config = check_model_dir(base_dir)
+    adapter.check_head(base_config, str(base_dir))
+    task = _task(adapter, base_config)
+    if with_past and task != CAUSAL_LM:
+        raise UserError(f"--with-past needs a causal LM; {base_dir} is a {task} model")
+    tolerance = DEFAULT_TOLERANCE[dtype] if tolerance is None else tolerance
+    return _Settings(kind, task, dtype, opset or DEFAULT_OPSET, with_past, tolerance)
+
+
+def _load(adapter: CompactAdapter, base_dir: Path, allow_pickle: bool) -> tuple[nn.Module, dict[str, torch.Tensor]]:
+    """(the base model, the base's own values of the adapter's extra weights).
+
+    In the base's own dtype: a bf16 base is never held in fp32 whole (torch_reference computes in
+    fp32 module by module); the adapter's trained head weights stay fp32 for the reference.
+    """
+    model = adapter.load_base(base_dir, allow_pickle=allow_pickle, dtype="auto")
+    adapter.check_fits(*model_shapes(model), base=str(base_dir))
+    for name in adapter.extra_weights:
+        model.get_parameter(name).data = model.get_parameter(name).data.float()
+    base_extras = {name: model.get_parameter(name).detach().clone() for name in adapter.extra_weights}
+    return model, base_extras
+
+
+def _references(
+    model: nn.Module, adapter: CompactAdapter, settings: _Settings, samples: list[dict], base_dir: Path
+) -> tuple[list, list | None]:
+    """(torch's outputs with the adapter, the base's own for adapter inputs, else None), in fp32; the
+    adapter is applied to ``model`` on the way."""
+    task, with_past, adapter_inputs = settings.task, settings.with_past, settings.kind == OnnxKind.ADAPTER_INPUTS
+    try:
+        base_refs = torch_reference(model, task, with_past, samples) if adapter_inputs else None
+        adapter.apply_to(model, base=str(base_dir))
+        return torch_reference(model, task, with_past, samples), base_refs
+    except ValueError as exc:  # transformers' decoder classifiers find each row's last token by the pad id
+        if "padding token" not in str(exc):
+            raise
+        raise UserError(
+            f"the {model.config.model_type} classifier needs a pad token id for batches, and neither the adapter "
+            f"nor {base_dir}/config.json records one: set pad_token_id in that config (train records its own)"
+        ) from None
 
 
 def _task(adapter: CompactAdapter, config: dict) -> str:
@@ -275,10 +298,11 @@ def _manifest(
     traced: _Traced,
     base_extras: dict[str, torch.Tensor],
     sample: dict[str, torch.Tensor],
-) -> dict:
+) -> Manifest:
     """What a server (and a person) needs to know about the graph, parity figures aside."""
     adapter_inputs = settings.kind == OnnxKind.ADAPTER_INPUTS
-    manifest = Manifest(
+    inputs, outputs = io_signature(traced.proto, exclude=set(traced.prepared.defaults))
+    return Manifest(
         kind=settings.kind,
         task=settings.task,
         model_type=model.config.model_type,
@@ -287,6 +311,7 @@ def _manifest(
         with_past=settings.with_past,
         exporter=f"torch.onnx TorchScript exporter, torch {torch.__version__}",
         base_model_name_or_path=str(base_dir.absolute()),  # the base this graph was built from
+        adapter_inputs=adapter_inputs,
         init_r=adapter.config.init_r,
         lora_alpha=adapter.config.lora_alpha,
         scale=adapter.scale,
@@ -297,17 +322,20 @@ def _manifest(
         labels={str(k): v for k, v in (model.config.id2label or {}).items()} if settings.task == SEQ_CLS else {},
         max_length=adapter.task_info.max_length,
         pad_token_id=model.config.pad_token_id,
-    ).to_dict()
-    manifest["inputs"], manifest["outputs"] = io_signature(traced.proto, exclude=set(traced.prepared.defaults))
-    if settings.with_past:
-        manifest["cache"] = _cache_info(sample, traced.spec)
-    return manifest
+        inputs=inputs,
+        outputs=outputs,
+        cache=_cache_info(sample, traced.spec) if settings.with_past else None,
+        # A causal LM with a KV cache: onnxruntime-genai can run it as it is, given its config.
+        genai_config=GENAI_CONFIG if settings.with_past else None,
+        adapter_file=ADAPTER_FILE if adapter_inputs else None,
+    )
 
 
 def _save(
-    traced: _Traced, model: nn.Module, adapter: CompactAdapter, manifest: dict, base_dir: Path, directory: Path
+    traced: _Traced, model: nn.Module, adapter: CompactAdapter, manifest: Manifest, base_dir: Path, directory: Path
 ) -> Path:
-    """Write the graph, config, tokenizer and (adapter inputs) the adapter file into ``directory``.
+    """Write the graph, config, tokenizer, ``genai_config.json`` and (adapter inputs) the adapter file
+    the manifest names into ``directory``.
 
     Drops the in-memory graph once saved. Returns the path of ``model.onnx``.
     """
@@ -316,21 +344,11 @@ def _save(
     model.config.architectures = [type(model).__name__]  # the task exported, whatever the base said
     model.config.save_pretrained(directory)
     copy_tokenizer_files(base_dir, directory)
-    if manifest.get("cache"):  # a causal LM with a KV cache: onnxruntime-genai can run it as it is
-        write_json(directory / GENAI_CONFIG, genai_config(manifest, model.config.to_dict()))
-    if manifest["kind"] == OnnxKind.ADAPTER_INPUTS.value:
-        manifest["adapter_file"] = ADAPTER_FILE
-        write_adapter_file(adapter, manifest, directory / ADAPTER_FILE)
+    if manifest.genai_config:
+        write_json(directory / manifest.genai_config, genai_config(manifest.to_dict(), model.config.to_dict()))
+    if manifest.adapter_file:
+        write_adapter_file(adapter, manifest.to_dict(), directory / manifest.adapter_file)
     return model_path
-
-
-def eos_token_ids(model: nn.Module) -> list[int]:
-    """The model's end-of-sequence ids (its generation config's, else its config's)."""
-    config = getattr(model, "generation_config", None) or model.config
-    eos = getattr(config, "eos_token_id", None)
-    if eos is None:
-        return []
-    return [int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos])]
 
 
 def _cache_info(sample: dict[str, torch.Tensor], spec: GraphSpec) -> dict:

@@ -29,6 +29,14 @@ from .partition import DEFAULT_PART_BYTES, run_in_parts
 _QUIET = 3  # onnxruntime log severity: errors only (no "initializer in graph inputs" warnings)
 
 
+def check_tolerance(tolerance: float | None) -> None:
+    """A UserError unless ``tolerance`` is None (the dtype's default) or a positive finite number.
+
+    Both exporters' checks take one (``check_parity`` here, onnxruntime-genai's in ``optimized``)."""
+    if tolerance is not None and not (math.isfinite(tolerance) and tolerance > 0):
+        raise UserError(f"tolerance must be a positive number, got {tolerance}")
+
+
 def parity_samples(model: nn.Module, spec: GraphSpec, seed: int = 0) -> list[dict[str, torch.Tensor]]:
     """Inputs of several batch sizes and lengths, row 1 padded (left for causal LMs, right otherwise).
 

@@ -109,7 +109,7 @@ def test_int4_adapter_inputs_repack_qkv_without_changing_a_number(built, monkeyp
     base, adapter_dir, _, tmp = built
     adapter = load_adapter(adapter_dir)
     packed = export_optimized(adapter, base, tmp / "int4_packed", dtype="int4", tolerance=10.0, adapter_inputs=True)
-    monkeypatch.setattr(optimized, "_pack_qkv", lambda graph: None)
+    monkeypatch.setattr(optimized, "pack_qkv", lambda graph: 0)
     unpacked = export_optimized(adapter, base, tmp / "int4_unpacked", dtype="int4", tolerance=10.0, adapter_inputs=True)
     nodes = {
         name: [n.op_type for n in onnx.load(str(tmp / name / "model.onnx"), load_external_data=False).graph.node]
