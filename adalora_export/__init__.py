@@ -1,7 +1,7 @@
 """adalora-export: train with AdaLoRA, prune to per-layer ranks, and ship the result."""
 
 from .adapter import CompactAdapter, ModuleAdapter
-from .allocator import Allocation, RankAllocator, shrink_to_rank_pattern
+from .allocator import Allocation, RankAllocator, shrink_to_mask
 from .config import AdaLoraConfig, recommended_schedule
 from .errors import UserError
 from .layer import SVDLinear
@@ -27,7 +27,7 @@ __all__ = [
     "inject_adapters",
     "orthogonal_regularizer",
     "recommended_schedule",
-    "shrink_to_rank_pattern",
+    "shrink_to_mask",
     "trainable_parameters",
     "unwrap_adapters",
 ]

@@ -40,7 +40,7 @@ class RankAllocator:
         shapes = [(layer.in_features, layer.out_features) for _, layer in self.layers]
         self.triplet_costs = [config.triplet_cost(*shape) for shape in shapes]  # in the budget's unit
         self.init_budget, self.target_budget = config.budgets(shapes)
-        self.rank_pattern: dict[str, list[bool]] | None = None  # set at the final phase, then frozen
+        self.frozen_mask: dict[str, list[bool]] | None = None  # set at the final phase, then frozen
         self.current_mask: dict[str, list[bool]] | None = None  # the mask in force (None: all kept)
         self.final_importance: dict[str, list[float]] | None = None  # scores of the kept triplets, at the final mask
         self.reset_importance()
@@ -49,7 +49,7 @@ class RankAllocator:
     def orth_reg_weight(self) -> float:
         """The orthogonal term's weight now: the paper's throughout, unless an option changes the final phase."""
         final = self.config.final_orth_reg_weight
-        if final is not None and self.rank_pattern is not None:
+        if final is not None and self.frozen_mask is not None:
             return final
         return self.config.orth_reg_weight
 
@@ -138,7 +138,7 @@ class RankAllocator:
 
     def update_and_allocate(self, step: int, optimizer: torch.optim.Optimizer | None = None) -> Allocation:
         """The per-optimizer-step call (after ``optimizer.step()``, before ``zero_grad()``)."""
-        if self.rank_pattern is not None:  # final phase: ranks are frozen and already physical
+        if self.frozen_mask is not None:  # final phase: ranks are frozen and already physical
             return Allocation(self.target_budget, False, self.kept(), True)
         if step < self.final_step:
             self.update_importance()
@@ -149,11 +149,11 @@ class RankAllocator:
         # step == final_step (or later, when resuming a run that stopped right there): fix the pattern.
         scores = self.triplet_scores()
         masks = self.mask_to_budget(self.target_budget)
-        self.rank_pattern = dict(self.current_mask)
+        self.frozen_mask = dict(self.current_mask)
         kept_scores = torch.cat([s[masks[name]] for (name, _), s in zip(self.layers, scores)]).tolist()
         self.final_importance, start = {}, 0
         for name, _ in self.layers:
-            rank = sum(self.rank_pattern[name])
+            rank = sum(self.frozen_mask[name])
             self.final_importance[name] = kept_scores[start : start + rank]
             start += rank
         for name, layer in self.layers:
@@ -178,7 +178,7 @@ class RankAllocator:
                     tensors[f"{name}.{part}.exp_avg_unc"] = self.exp_avg_unc[3 * i + j].detach().cpu()
         return {
             "tensors": tensors,
-            "rank_pattern": self.rank_pattern,
+            "frozen_mask": self.frozen_mask,
             "current_mask": self.current_mask,
             "final_importance": self.final_importance,
             "total_step": self.total_step,
@@ -186,13 +186,13 @@ class RankAllocator:
         }
 
     def load_state_dict(self, state: dict) -> None:
-        """Restore a ``state_dict``. The model must already be at the saved ranks (see ``shrink_to_rank_pattern``)."""
+        """Restore a ``state_dict``. The model must already be at the saved ranks (see ``shrink_to_mask``)."""
         if state["total_step"] != self.total_step:
             raise UserError(f"allocator state is for total_step {state['total_step']}, not {self.total_step}")
-        self.rank_pattern = state["rank_pattern"]
+        self.frozen_mask = state["frozen_mask"]
         self.current_mask = state["current_mask"]
         self.final_importance = state.get("final_importance")
-        if self.rank_pattern is not None:
+        if self.frozen_mask is not None:
             self.params, self.exp_avg_ipt, self.exp_avg_unc = [], [], []
             return
         self.reset_importance()
@@ -205,11 +205,11 @@ class RankAllocator:
                     self.exp_avg_unc[3 * i + j].copy_(tensors[f"{key}.exp_avg_unc"])
 
 
-def shrink_to_rank_pattern(model: nn.Module, rank_pattern: dict[str, list[bool]]) -> None:
+def shrink_to_mask(model: nn.Module, frozen_mask: dict[str, list[bool]]) -> None:
     """Prune a freshly built model's layers to a saved pattern, so a pruned checkpoint can be loaded."""
     for name, layer in adapted_layers(model):
-        keep = rank_pattern.get(name)
+        keep = frozen_mask.get(name)
         if keep is None:
-            raise UserError(f"rank pattern has no entry for adapted layer {name}")
+            raise UserError(f"the frozen mask has no entry for adapted layer {name}")
         if layer.rank == len(keep):
             layer.prune(torch.tensor(keep, dtype=torch.bool))

@@ -6,7 +6,7 @@ A checkpoint directory (and a finished run's ``final/``) holds
   weights (a classification head) under their parameter names;
 - ``allocator_state.safetensors``: the importance EMAs (absent after the final phase);
 - ``adalora_state.json``: the config (with total_step), the step, the mask in force, the frozen
-  rank pattern once fixed, and per layer whether it is a Conv1D (fan_in_fan_out).
+  mask once fixed (``frozen_mask``), and per layer whether it is a Conv1D (fan_in_fan_out).
 Pruning reads it into a ``CompactAdapter`` (``compact_from_state``); the trainer builds an
 ``AdapterState`` from its model and allocator and restores them from one (``training.checkpoint``).
 """
@@ -44,7 +44,7 @@ class AdapterState:
     layers: dict[str, bool]  # module path -> fan_in_fan_out
     extra: list[str]
     current_mask: dict[str, list[bool]] | None
-    rank_pattern: dict[str, list[bool]] | None
+    frozen_mask: dict[str, list[bool]] | None  # the mask fixed at the final phase (then physical)
     final_importance: dict[str, list[float]] | None = None
     allocator_tensors: dict[str, torch.Tensor] = field(default_factory=dict)
     meta: dict = field(default_factory=dict)
@@ -95,7 +95,7 @@ def write_state_dir(directory: str | os.PathLike, state: AdapterState) -> None:
             "order": list(state.layers),  # model order; JSON objects are written with sorted keys
             "extra": sorted(state.extra),
             "current_mask": state.current_mask,
-            "rank_pattern": state.rank_pattern,
+            "frozen_mask": state.frozen_mask,
             "final_importance": state.final_importance,
             "meta": state.meta,
         },
@@ -115,7 +115,7 @@ def read_state_dir(directory: str | os.PathLike) -> AdapterState:
             layers={path: info["layers"][path] for path in info.get("order") or info["layers"]},
             extra=list(info.get("extra", [])),
             current_mask=info.get("current_mask"),
-            rank_pattern=info.get("rank_pattern"),
+            frozen_mask=info.get("frozen_mask", info.get("rank_pattern")),  # "rank_pattern" in older states
             final_importance=info.get("final_importance"),
             meta=info.get("meta", {}),
         )
@@ -133,7 +133,7 @@ def read_state_dir(directory: str | os.PathLike) -> AdapterState:
 def compact_from_state(state: AdapterState, **meta) -> CompactAdapter:
     """The compact adapter of a state: the triplets masked at that step are dropped."""
     modules = {}
-    mask = state.rank_pattern or state.current_mask or {}
+    mask = state.frozen_mask or state.current_mask or {}
     for path, fan_in_fan_out in state.layers.items():
         a, e, b = (state.tensors[f"{path}.{part}"] for part in PARTS)
         keep = mask.get(path)

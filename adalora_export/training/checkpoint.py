@@ -4,7 +4,7 @@
 kill at any moment leaves either the complete checkpoint or none. It holds
 
 - the adapter state (``adalora_export.formats.state``): A, E, B at their current sizes, the allocator's
-  importance EMAs, the mask in force and the frozen rank pattern, any trained extra weights;
+  importance EMAs, the mask in force and the frozen mask, any trained extra weights;
 - ``optimizer.safetensors``: the optimizer's per-parameter state (Adam moments, step counts)
   keyed ``<parameter name>/<state key>``, so it survives the final shrink's new Parameters;
 - ``rng.safetensors``: torch's CPU (and CUDA) generator states of every rank;
@@ -27,7 +27,7 @@ import torch
 from safetensors.torch import save_file
 
 from ..adapter import CompactAdapter
-from ..allocator import RankAllocator, shrink_to_rank_pattern
+from ..allocator import RankAllocator, shrink_to_mask
 from ..config import AdaLoraConfig
 from ..errors import UserError
 from ..formats.state import AdapterState, list_checkpoints, read_state_dir, write_state_dir
@@ -72,7 +72,7 @@ def adapter_state(
         layers=layers,
         extra=sorted(extra),
         current_mask=alloc.get("current_mask"),
-        rank_pattern=alloc.get("rank_pattern"),
+        frozen_mask=alloc.get("frozen_mask"),
         final_importance=alloc.get("final_importance"),
         allocator_tensors=alloc["tensors"],
         meta=meta or {},
@@ -94,8 +94,8 @@ def save_adapter_state(
 @torch.no_grad()
 def restore_model(model: torch.nn.Module, state: AdapterState, allocator: RankAllocator | None = None) -> None:
     """Load a state into a model that ``inject_adapters`` prepared with the same config (and its allocator)."""
-    if state.rank_pattern is not None:
-        shrink_to_rank_pattern(model, state.rank_pattern)
+    if state.frozen_mask is not None:
+        shrink_to_mask(model, state.frozen_mask)
     ours = dict(adapted_layers(model))
     if set(ours) != set(state.layers):
         raise UserError(
@@ -111,7 +111,7 @@ def restore_model(model: torch.nn.Module, state: AdapterState, allocator: RankAl
         allocator.load_state_dict(
             {
                 "tensors": state.allocator_tensors,
-                "rank_pattern": state.rank_pattern,
+                "frozen_mask": state.frozen_mask,
                 "current_mask": state.current_mask,
                 "final_importance": state.final_importance,
                 "total_step": state.config.total_step,

@@ -177,7 +177,7 @@ def write_outputs(
         "budget": allocator.target_budget,
         "budget_unit": config.budget_unit,
         "ranks": adapter.rank_pattern,
-        "rank_pattern": allocator.rank_pattern,
+        "frozen_mask": allocator.frozen_mask,
     }
     with atomic_output_file(run_dir / "rank_pattern.json", overwrite=True) as tmp:
         write_json(tmp, pattern)

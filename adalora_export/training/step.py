@@ -153,7 +153,7 @@ class Stepper:
         if not math.isfinite(step_loss) or (self.scaler is None and not math.isfinite(grad_norm)):
             raise NonFiniteStep(step, step_loss, grad_norm)
         self._optimizer_step()
-        was_final = self.allocator.rank_pattern is not None
+        was_final = self.allocator.frozen_mask is not None
         allocation = self.allocator.update_and_allocate(step, self.optimizer)
         if allocation.masked:
             self.dist.check_masks_agree(self.allocator, step)

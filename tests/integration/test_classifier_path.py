@@ -17,7 +17,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from support import WORDS, make_base, run_cli
+from cli_runs import run_cli
+from models import WORDS
 
 from adalora_export.serving import OnnxServer
 from adalora_export.sources import load_adapter
@@ -46,9 +47,9 @@ def minilm_dir() -> Path:
 
 
 @pytest.fixture(scope="module", params=["bert", "gpt2", "llama"])
-def trained(request, tmp_path_factory):
+def trained(request, tmp_path_factory, tiny_base):
     tmp = tmp_path_factory.mktemp(request.param)
-    base = minilm_dir() if request.param == "bert" else make_base(tmp / "base", request.param, hidden=32)
+    base = minilm_dir() if request.param == "bert" else tiny_base(request.param)
     data = tmp / "train.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in records(96, 0)))
     argv = ["train", "--model", str(base), "--data", str(data), "--output", str(tmp / "run"), "--max_steps", "12"]

@@ -13,21 +13,22 @@ from pathlib import Path
 
 import pytest
 import torch
+from adapters import adapter_at_ranks
+from cli_runs import ROOT, run_cli
+from files import leftovers
+from models import GPT2_TARGETS, LLAMA_TARGETS, tiny_gpt2, tiny_llama
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
-from support import LLAMA_TARGETS, ROOT, tiny_gpt2, tiny_llama
+from training import train_peft
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-from adalora_export import AdaLoraConfig, CompactAdapter, ModuleAdapter, UserError, cli
+from adalora_export import CompactAdapter, UserError
 from adalora_export.converters import merge
 from adalora_export.converters.merge import merge_into_base, resolve_tensor_name
 from adalora_export.converters.merge import plan as merge_plan
 from adalora_export.converters.merge import write as merge_write
 from adalora_export.formats.peft import save_adapter
-from adalora_export.model import find_target_paths
 from adalora_export.sources import load_adapter
-
-GPT2_TARGETS = ["c_attn", "c_proj", "c_fc"]
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -39,24 +40,11 @@ def one_thread():
     torch.set_num_threads(before)
 
 
-def random_adapter(model, targets, seed=0, ranks=(0, 1, 3, 5), extras=None, std=0.3) -> CompactAdapter:
-    """An adapter on ``targets`` with random A, E, B at varied ranks (rank 0 included); ``std`` 0.3 makes
-    updates far larger than the weights (differences show), 0.05 about their size."""
-    g = torch.Generator().manual_seed(seed)
-    modules = {}
-    for i, path in enumerate(find_target_paths(model, targets)):
-        layer = model.get_submodule(path)
-        conv = type(layer).__name__ == "Conv1D"
-        in_f, out_f = layer.weight.shape if conv else layer.weight.shape[::-1]
-        r = ranks[i % len(ranks)]
-        modules[path] = ModuleAdapter(
-            torch.randn(r, in_f, generator=g) * std,
-            torch.randn(r, 1, generator=g),
-            torch.randn(out_f, r, generator=g) * std,
-            fan_in_fan_out=conv,
-        )
-    config = AdaLoraConfig(init_r=6, target_r=3, lora_alpha=8, target_modules=targets)
-    return CompactAdapter(config, modules, task_type="causal_lm", extra_weights=extras or {})
+def random_adapter(model, targets, ranks=(0, 1, 3, 5), std=0.3, **meta) -> CompactAdapter:
+    """adapters.adapter_at_ranks as these tests draw it: E ~ N(0, 1) and A, B with ``std``: 0.3 makes updates
+    far larger than the weights (differences show), 0.05 about their size."""
+    meta = {"task_type": "causal_lm", **meta}
+    return adapter_at_ranks(model, targets, ranks, init_r=6, lora_alpha=8, target_r=3, std=std, e_std=1.0, **meta)
 
 
 def ids(vocab=128, n=2, seed=5):
@@ -75,19 +63,6 @@ def merged_logits(out_dir, x):
     return AutoModelForCausalLM.from_pretrained(out_dir, dtype=torch.float32).eval()(input_ids=x).logits
 
 
-def leftovers(parent: Path, name: str) -> list[str]:
-    return [p.name for p in parent.iterdir() if p.name.startswith(f".{name}.")]
-
-
-def run_cli(*args) -> int:
-    """The CLI's exit code."""
-    try:
-        cli.main([str(a) for a in args])
-    except SystemExit as exc:
-        return exc.code
-    return 0
-
-
 # ---------------------------------------------------------------- merged == base + adapter
 @pytest.mark.parametrize(
     "family, shard, workers",
@@ -98,7 +73,7 @@ def test_merged_model_equals_base_plus_adapter(tmp_path, family, shard, workers)
     base_dir, out = tmp_path / "base", tmp_path / "merged"
     model.save_pretrained(base_dir, **({"max_shard_size": shard} if shard else {}))
     norm = "model.norm.weight" if family == "llama" else "transformer.ln_f.weight"
-    adapter = random_adapter(model, targets, extras={norm: torch.rand(64) + 0.5})
+    adapter = random_adapter(model, targets, extra_weights={norm: torch.rand(64) + 0.5})
     report = merge_into_base(adapter, base_dir, out, workers=workers)
 
     x = ids()
@@ -221,7 +196,7 @@ def test_extra_weight_the_base_lacks_is_added(tmp_path):
     base_dir, out = tmp_path / "base", tmp_path / "merged"
     model.save_pretrained(base_dir)
     head = torch.randn(2, 64)
-    adapter = random_adapter(model, ["v_proj"], extras={"score.weight": head})
+    adapter = random_adapter(model, ["v_proj"], extra_weights={"score.weight": head})
     adapter.task_type = "seq_cls"
     report = merge_into_base(adapter, base_dir, out)
     assert report.added == ["score.weight"]
@@ -230,7 +205,7 @@ def test_extra_weight_the_base_lacks_is_added(tmp_path):
 
 
 # ---------------------------------------------------------------- PEFT parity
-def train_peft(model, targets, steps=8):
+def train_with_peft(model, targets, steps=8):
     peft = pytest.importorskip("peft")
     config = peft.AdaLoraConfig(
         init_r=6,
@@ -243,15 +218,7 @@ def train_peft(model, targets, steps=8):
         target_modules=targets,
         task_type="CAUSAL_LM",
     )
-    peft_model = peft.get_peft_model(model, config)
-    opt = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=5e-2)
-    for step in range(1, steps + 1):
-        x = ids(seed=step, n=4)
-        peft_model(input_ids=x, labels=x).loss.backward()
-        opt.step()
-        peft_model.base_model.update_and_allocate(step)
-        opt.zero_grad()
-    return peft_model
+    return train_peft(model, config, [ids(seed=step, n=4) for step in range(1, steps + 1)], lr=5e-2)
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
@@ -259,7 +226,7 @@ def test_merge_of_a_peft_adapter_equals_peft_merge_and_unload(tmp_path, family):
     make, targets = (tiny_llama, LLAMA_TARGETS) if family == "llama" else (tiny_gpt2, GPT2_TARGETS)
     base_dir, adapter_dir, out = tmp_path / "base", tmp_path / "adapter", tmp_path / "merged"
     make(seed=4).save_pretrained(base_dir, max_shard_size="100KB")
-    peft_model = train_peft(make(seed=4), targets)
+    peft_model = train_with_peft(make(seed=4), targets)
     peft_model.save_pretrained(adapter_dir)
     theirs = peft_model.merge_and_unload().state_dict()
 
@@ -301,7 +268,7 @@ def test_cli_merge_verify_and_overwrite(tmp_path, llama_pair, capsys):
     assert "already exists" in capsys.readouterr().err
     assert run_cli("export", adapter_dir, "--merge", "-o", out, "--overwrite", "--workers", "2") == 0
     assert (merged_logits(out, x) - unmerged_logits(base_dir, adapter, x)).abs().max() <= 1e-4
-    assert leftovers(tmp_path, "merged") == []
+    assert leftovers(tmp_path / "merged") == []
 
 
 def test_pickle_base_needs_allow_pickle_and_becomes_safetensors(tmp_path, llama_pair, capsys):
@@ -353,7 +320,7 @@ def test_bad_base_is_exit_2_and_writes_nothing(tmp_path, llama_pair, capsys, kin
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1
     assert re.search(message.replace("*", "[^ ]*"), err), err
-    assert not out.exists() and leftovers(tmp_path, "merged") == []
+    assert not out.exists() and leftovers(tmp_path / "merged") == []
 
 
 def test_other_bad_arguments_are_exit_2(tmp_path, llama_pair, capsys):
@@ -365,7 +332,7 @@ def test_other_bad_arguments_are_exit_2(tmp_path, llama_pair, capsys):
     save_adapter(adapter, tmp_path / "hub-adapter")
     assert run_cli("export", tmp_path / "hub-adapter", "--merge", "-o", tmp_path / "m") == 2
     assert "pass --base" in capsys.readouterr().err
-    assert not (tmp_path / "m").exists() and leftovers(tmp_path, "m") == []
+    assert not (tmp_path / "m").exists() and leftovers(tmp_path / "m") == []
 
 
 def test_failure_mid_merge_leaves_nothing(tmp_path, llama_pair, monkeypatch):
@@ -382,7 +349,7 @@ def test_failure_mid_merge_leaves_nothing(tmp_path, llama_pair, monkeypatch):
     monkeypatch.setattr(merge_write, "_merge_block", failing)
     with pytest.raises(UserError, match="merged: No space left"):  # a full disk is bad input (exit 2)
         merge_into_base(adapter, base_dir, tmp_path / "merged", workers=2)
-    assert not (tmp_path / "merged").exists() and leftovers(tmp_path, "merged") == []
+    assert not (tmp_path / "merged").exists() and leftovers(tmp_path / "merged") == []
 
 
 # ---------------------------------------------------------------- memory and interruption, in subprocesses

@@ -8,9 +8,11 @@ import sys
 
 import pytest
 import torch
-from support import LLAMA_TARGETS, ROOT, tiny_llama, train_adalora
+from cli_runs import ROOT, run_cli
+from models import LLAMA_TARGETS, tiny_llama
+from training import train_adalora
 
-from adalora_export import AdaLoraConfig
+from adalora_export import AdaLoraConfig, inject_adapters
 from adalora_export.formats.peft import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 from adalora_export.formats.state import read_state_dir
 from adalora_export.prune import prune
@@ -29,34 +31,24 @@ def run_dir(tmp_path_factory):
         init_r=4, target_r=1, tinit=2, tfinal=4, lora_alpha=8, target_modules=LLAMA_TARGETS, total_step=TOTAL
     )
     kept = {}
+    model = tiny_llama(seed=0)
 
-    def checkpoint(step, model, allocator):
+    def checkpoint(step, allocation, allocator, optimizer):
         name = {5: "checkpoint-5", 10: "checkpoint-10", TOTAL: "final"}.get(step)
         if name:
             (run / name).mkdir()
             save_adapter_state(model, cfg, allocator, step, run / name)
             kept[name] = allocator.kept()
 
-    train_adalora(tiny_llama(seed=0), cfg, on_step=checkpoint)
+    inject_adapters(model, cfg)
+    train_adalora(model, cfg, on_step=checkpoint)
     return run, kept
-
-
-def cli(*args, expect=0):
-    """Run the CLI in-process; returns (stdout, stderr)."""
-    from adalora_export.cli import main
-
-    try:
-        main(list(args))
-        code = 0
-    except SystemExit as exc:
-        code = exc.code
-    assert code == expect
 
 
 def test_prune_checkpoint_keeps_exactly_the_mask_in_force(run_dir, tmp_path):
     run, kept = run_dir
     state = read_state_dir(run / "checkpoint-5")
-    assert state.rank_pattern is None and state.current_mask is not None  # mid budget phase, layers at init_r
+    assert state.frozen_mask is None and state.current_mask is not None  # mid budget phase, layers at init_r
     adapter = prune(run / "checkpoint-5", tmp_path / "a")
     assert sum(adapter.rank_pattern.values()) == kept["checkpoint-5"] < 4 * 14
     for path, keep in state.current_mask.items():
@@ -87,19 +79,19 @@ def test_prune_run_takes_final_state_else_latest_checkpoint(run_dir, tmp_path):
 def test_cli_prune_and_inspect(run_dir, tmp_path, capsys):
     run, _ = run_dir
     out = tmp_path / "adapter"
-    cli("prune", str(run), "--output", str(out))
+    assert run_cli("prune", str(run), "--output", str(out)) == 0
     assert "total rank 14" in capsys.readouterr().out
     assert (out / ADAPTER_CONFIG).is_file() and (out / ADAPTER_WEIGHTS).is_file()
     adapter = load_adapter(out)
 
-    cli("inspect", str(out))
+    assert run_cli("inspect", str(out)) == 0
     table = capsys.readouterr().out
     for path, rank in adapter.rank_pattern.items():
         assert any(line.split()[:2] == [path, str(rank)] for line in table.splitlines()), path
     assert "total rank 14 against budget 14 (target_r 1 x 14); init_r 4 x 14 = 56" in table
     assert table.strip() == format_table(adapter)
 
-    cli("inspect", str(out), "--json")
+    assert run_cli("inspect", str(out), "--json") == 0
     data = json.loads(capsys.readouterr().out)
     assert [m["module"] for m in data["modules"]] == list(adapter.modules)
     assert data["total_rank"] == 14 and data["initial_budget"] == 56
@@ -107,7 +99,7 @@ def test_cli_prune_and_inspect(run_dir, tmp_path, capsys):
     assert abs(sum(m["share"] for m in data["modules"]) - 1.0) < 1e-9
 
     png = tmp_path / "ranks.png"
-    cli("inspect", str(out), "--plot", str(png))
+    assert run_cli("inspect", str(out), "--plot", str(png)) == 0
     capsys.readouterr()
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     import matplotlib.image
@@ -119,9 +111,9 @@ def test_cli_prune_and_inspect(run_dir, tmp_path, capsys):
     assert types == ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]  # model order
     assert grid[(1, 6)] == adapter.rank_pattern["model.layers.1.mlp.down_proj"]
     # An existing plot needs --overwrite; with it the file is replaced.
-    cli("inspect", str(out), "--plot", str(png), expect=2)
+    assert run_cli("inspect", str(out), "--plot", str(png)) == 2
     assert "already exists" in capsys.readouterr().err
-    cli("inspect", str(out), "--plot", str(png), "--overwrite")
+    assert run_cli("inspect", str(out), "--plot", str(png), "--overwrite") == 0
 
 
 def bad_sources(tmp_path, good):
@@ -164,19 +156,19 @@ def test_cli_bad_input_exit_2_one_line_nothing_written(run_dir, tmp_path, capsys
     prune(run, good)
     for name, source, expected in bad_sources(tmp_path / "bad", good):
         out = tmp_path / f"out-{name}"
-        cli("prune", str(source), "--output", str(out), expect=2)
+        assert run_cli("prune", str(source), "--output", str(out)) == 2
         err = capsys.readouterr().err
         assert err.startswith("error: ") and err.count("\n") == 1, (name, err)
         assert all(text in err for text in expected), (name, err)
         assert not out.exists() and not list(tmp_path.glob(f".out-{name}*")), name
     # The pickle is readable when allowed.
-    cli("prune", str(tmp_path / "bad" / "pickle"), "--output", str(tmp_path / "ok"), "--allow-pickle")
+    assert run_cli("prune", str(tmp_path / "bad" / "pickle"), "--output", str(tmp_path / "ok"), "--allow-pickle") == 0
     # An existing output is left alone without --overwrite.
     before = (good / ADAPTER_WEIGHTS).read_bytes()
-    cli("prune", str(run / "checkpoint-5"), "--output", str(good), expect=2)
+    assert run_cli("prune", str(run / "checkpoint-5"), "--output", str(good)) == 2
     assert "already exists" in capsys.readouterr().err
     assert (good / ADAPTER_WEIGHTS).read_bytes() == before
-    cli("prune", str(run / "checkpoint-5"), "--output", str(good), "--overwrite")
+    assert run_cli("prune", str(run / "checkpoint-5"), "--output", str(good), "--overwrite") == 0
     assert sum(load_adapter(good).rank_pattern.values()) > 14
 
 

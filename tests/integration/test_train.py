@@ -9,55 +9,31 @@ from pathlib import Path
 
 import pytest
 import torch
+from cli_runs import run_cli
+from files import copy_tree
+from models import WORDS
 from safetensors.torch import load_file, save_file
-from support import WORDS
+from training import sentences, write_data
 
 from adalora_export import cli
 from adalora_export.errors import UserError
 from adalora_export.formats.state import list_checkpoints, read_state_dir
 from adalora_export.sources import load_adapter
-from adalora_export.toy import write_toy_model
 from adalora_export.training import train
 from adalora_export.training.checkpoint import load_checkpoint
 
-# Short runs: 12 optimizer steps, budget phase 3..8, final shrink at step 8 (tfinal 4), the paper's
-# algorithm (budgets in triplets); the default preset has tests of its own below.
-SCHEDULE = dict(
-    adalora_init_r=4,
-    adalora_target_r=2,
-    adalora_tinit=2,
-    adalora_tfinal=4,
-    adalora_deltaT=2,
-    lora_alpha=16,
-    adalora_preset="paper",
-)
-
-
-def sentences(n: int, seed: int) -> list[str]:
-    rng = random.Random(seed)
-    return [" ".join(rng.choice(WORDS) for _ in range(rng.randint(4, 9))) for _ in range(n)]
-
-
-def write_data(path: Path, n: int = 48, seed: int = 0, **extra) -> Path:
-    path.write_text("".join(json.dumps({"text": t, **extra}) + "\n" for t in sentences(n, seed)))
-    return path
-
 
 @pytest.fixture(scope="module")
-def llama_dir(tmp_path_factory):
-    return write_toy_model(tmp_path_factory.mktemp("llama") / "base", WORDS + ["poison"], hidden=32, layers=2)
+def run(short_schedule):
+    """``run(out, model, data, **options)``: ``train()`` on the short schedule (12 optimizer steps, budget phase
+    3..8, final shrink at step 8) with the paper's algorithm (budgets in triplets), ``options`` on top. The
+    default preset has tests of its own below."""
 
+    def run(out, model, data, **options):
+        options = {**short_schedule, "adalora_preset": "paper", **options}
+        return train(out, model=model, data=data, progress=False, **options)
 
-@pytest.fixture(scope="module")
-def data_file(tmp_path_factory):
-    return write_data(tmp_path_factory.mktemp("data") / "train.jsonl")
-
-
-def run(out, model, data, **options):
-    kwargs = dict(max_steps=12, batch_size=4, lr=1e-2, save_steps=2, keep_checkpoints=0, max_length=16, seed=3)
-    kwargs.update(SCHEDULE)
-    kwargs.update(options)
-    return train(out, model=model, data=data, progress=False, **kwargs)
+    return run
 
 
 def metrics_without_times(run_dir: Path) -> list[dict]:
@@ -70,14 +46,14 @@ def dir_bytes(path: Path) -> dict[str, bytes]:
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory, llama_dir, data_file):
+def reference(tmp_path_factory, run, llama_base, train_data):
     """One uninterrupted run that several tests compare against."""
     out = tmp_path_factory.mktemp("ref") / "run"
-    result = run(out, llama_dir, data_file, validation=data_file)
+    result = run(out, llama_base, train_data, validation=train_data)
     return out, result
 
 
-def test_run_outputs(reference, llama_dir):
+def test_run_outputs(reference, llama_base):
     out, result = reference
     assert {"adapter", "final", "rank_pattern.json", "rank_heatmap.png", "metrics.jsonl", "run_args.json"} <= {
         p.name for p in out.iterdir()
@@ -98,21 +74,21 @@ def test_run_outputs(reference, llama_dir):
     )
     assert sum(adapter.rank_pattern.values()) == 2 * 14 == result.budget
     assert adapter.rank_pattern == result.ranks
-    assert adapter.base_model_name_or_path == str(llama_dir.absolute()) and adapter.task_type == "causal_lm"
+    assert adapter.base_model_name_or_path == str(llama_base.absolute()) and adapter.task_type == "causal_lm"
     pattern = json.loads((out / "rank_pattern.json").read_text())
     assert pattern["ranks"] == result.ranks and pattern["budget"] == 28
     assert (out / "rank_heatmap.png").read_bytes()[:4] == b"\x89PNG"
     assert result.loss_start > 0 and result.loss_end > 0
 
 
-def test_same_seed_same_bytes(tmp_path, reference, llama_dir, data_file):
+def test_same_seed_same_bytes(tmp_path, reference, llama_base, train_data, run):
     out, _ = reference
     again = tmp_path / "again"
-    run(again, llama_dir, data_file, validation=data_file)
+    run(again, llama_base, train_data, validation=train_data)
     assert dir_bytes(again / "adapter") == dir_bytes(out / "adapter")
     assert dir_bytes(again / "final") == dir_bytes(out / "final")
     other = tmp_path / "other"
-    run(other, llama_dir, data_file, seed=4, max_steps=3, save_steps=0, adalora_tinit=0, adalora_tfinal=1)
+    run(other, llama_base, train_data, seed=4, max_steps=3, save_steps=0, adalora_tinit=0, adalora_tfinal=1)
     assert (other / "adapter" / "adapter_model.safetensors").read_bytes() != (
         out / "adapter" / "adapter_model.safetensors"
     ).read_bytes()
@@ -129,23 +105,23 @@ def test_resume_from_a_checkpoint_ends_identical(tmp_path, reference, step):
     metrics = (out / "metrics.jsonl").read_text().splitlines()
     (stopped / "metrics.jsonl").write_text("\n".join(metrics[: step + 3]) + "\n")  # with records past the checkpoint
     state = load_checkpoint(stopped / f"checkpoint-{step}").adapter
-    assert (state.rank_pattern is not None) == (step > 8)
+    assert (state.frozen_mask is not None) == (step > 8)
     train(stopped, resume=True, progress=False)
     assert dir_bytes(stopped / "adapter") == dir_bytes(out / "adapter")
     assert metrics_without_times(stopped) == metrics_without_times(out)
 
 
-def test_resume_refuses_changed_options(reference, data_file):
+def test_resume_refuses_changed_options(reference, train_data):
     out, _ = reference
     with pytest.raises(UserError, match="cannot resume .* --lr"):
         train(out, resume=True, lr=1.0, progress=False)
 
 
-def test_grad_accum_matches_one_big_batch(tmp_path, llama_dir, data_file):
-    big = run(tmp_path / "big", llama_dir, data_file, batch_size=8, max_steps=10, save_steps=0)
-    accum = run(tmp_path / "accum", llama_dir, data_file, batch_size=2, grad_accum=4, max_steps=10, save_steps=0)
+def test_grad_accum_matches_one_big_batch(tmp_path, llama_base, train_data, run):
+    big = run(tmp_path / "big", llama_base, train_data, batch_size=8, max_steps=10, save_steps=0)
+    accum = run(tmp_path / "accum", llama_base, train_data, batch_size=2, grad_accum=4, max_steps=10, save_steps=0)
     assert big.ranks == accum.ranks
-    masks = [json.loads((tmp_path / r / "rank_pattern.json").read_text())["rank_pattern"] for r in ("big", "accum")]
+    masks = [json.loads((tmp_path / r / "rank_pattern.json").read_text())["frozen_mask"] for r in ("big", "accum")]
     assert masks[0] == masks[1]
     losses = [
         [json.loads(line)["loss"] for line in (tmp_path / r / "metrics.jsonl").read_text().splitlines()]
@@ -157,8 +133,8 @@ def test_grad_accum_matches_one_big_batch(tmp_path, llama_dir, data_file):
         torch.testing.assert_close(a.delta_weight(path), b.delta_weight(path), atol=1e-5, rtol=1e-4)
 
 
-def test_gpt2_prompt_completion_run(tmp_path):
-    base = write_toy_model(tmp_path / "gpt2", WORDS, arch="gpt2", hidden=32, layers=2)
+def test_gpt2_prompt_completion_run(tmp_path, gpt2_base, run):
+    base = gpt2_base
     data = tmp_path / "pc.jsonl"
     pairs = [t.split(" ", 2) for t in sentences(32, 1)]
     data.write_text("".join(json.dumps({"prompt": " ".join(p[:2]), "completion": p[2]}) + "\n" for p in pairs))
@@ -170,9 +146,8 @@ def test_gpt2_prompt_completion_run(tmp_path):
     assert sum(result.ranks.values()) == result.budget == 16
 
 
-def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(tmp_path, llama_dir):
-    poisoned = tmp_path / "poisoned"
-    shutil.copytree(llama_dir, poisoned)
+def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(tmp_path, tiny_base, run):
+    poisoned = copy_tree(tiny_base(words=[*WORDS, "poison"]), tmp_path / "poisoned")
     weights = load_file(poisoned / "model.safetensors")
     vocab = json.loads((poisoned / "tokenizer.json").read_text())["model"]["vocab"]
     weights["model.embed_tokens.weight"][vocab["poison"]] = float("nan")
@@ -190,12 +165,6 @@ def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(tmp_path, llama_dir
     assert not (tmp_path / "run" / "final").exists()
 
 
-def cli_exit(argv: list[str]) -> int:
-    with pytest.raises(SystemExit) as exc:
-        cli.main(argv)
-    return exc.value.code
-
-
 @pytest.mark.parametrize(
     "flags, message",
     [
@@ -207,23 +176,23 @@ def cli_exit(argv: list[str]) -> int:
         (["--epochs", "1"], "give --epochs or --max_steps, not both"),
     ],
 )
-def test_bad_input_exits_2_and_writes_nothing(tmp_path, capsys, llama_dir, data_file, flags, message):
+def test_bad_input_exits_2_and_writes_nothing(tmp_path, capsys, llama_base, train_data, flags, message):
     out = tmp_path / "run"
-    base = ["train", "--model", str(llama_dir), "--data", str(data_file), "--output", str(out), "--max_steps", "12"]
-    assert cli_exit(base + flags) == 2
+    base = ["train", "--model", str(llama_base), "--data", str(train_data), "--output", str(out), "--max_steps", "12"]
+    assert run_cli(*base, *flags) == 2
     err = capsys.readouterr().err
     errors = [line for line in err.splitlines() if line.startswith("error:")]  # progress bars aside
     assert len(errors) == 1 and message in errors[0]
     assert not out.exists()
 
 
-def test_existing_output_needs_overwrite_or_resume(tmp_path, capsys, llama_dir, data_file):
+def test_existing_output_needs_overwrite_or_resume(tmp_path, capsys, llama_base, train_data):
     out = tmp_path / "run"
     out.mkdir()
-    argv = ["train", "--model", str(llama_dir), "--data", str(data_file), "--output", str(out), "--max-steps", "2"]
-    assert cli_exit(argv) == 2
+    argv = ["train", "--model", str(llama_base), "--data", str(train_data), "--output", str(out), "--max-steps", "2"]
+    assert run_cli(*argv) == 2
     assert "pass --resume to continue it or --overwrite" in capsys.readouterr().err
-    assert cli_exit(["train", "--output", str(out), "--resume"]) == 2
+    assert run_cli("train", "--output", out, "--resume") == 2
     assert "holds no run" in capsys.readouterr().err
     cli.main(argv + ["--overwrite", "--adalora_init_r", "2", "--adalora_target_r", "1"])
     captured = capsys.readouterr().out
@@ -231,7 +200,7 @@ def test_existing_output_needs_overwrite_or_resume(tmp_path, capsys, llama_dir, 
 
 
 @pytest.mark.parametrize("arch", ["qwen2", "mistral"])
-def test_other_decoders_chat_and_classification(tmp_path, arch):
+def test_other_decoders_chat_and_classification(tmp_path, arch, run):
     """Qwen2 and Mistral: chat records for the causal LM, and a fresh `score` head for classification."""
     import transformers as tf
 
@@ -276,9 +245,9 @@ def test_other_decoders_chat_and_classification(tmp_path, arch):
 PRESET_DECIDES = dict(adalora_tinit=None, adalora_tfinal=None)  # unset: the preset's
 
 
-def test_recommended_preset_sets_the_schedule_from_the_run_length(tmp_path, llama_dir, data_file):
+def test_recommended_preset_sets_the_schedule_from_the_run_length(tmp_path, llama_base, train_data, run):
     out = tmp_path / "run"
-    run(out, llama_dir, data_file, max_steps=20, save_steps=0, adalora_preset="recommended", **PRESET_DECIDES)
+    run(out, llama_base, train_data, max_steps=20, save_steps=0, adalora_preset="recommended", **PRESET_DECIDES)
     config = json.loads((out / "adapter" / "adapter_config.json").read_text())
     assert (config["tinit"], config["tfinal"], config["total_step"]) == (2, 10, 20)  # 10% and 50% of 20 steps
     records = [r for r in metrics_without_times(out) if "budget" in r]
@@ -292,18 +261,18 @@ def test_recommended_preset_sets_the_schedule_from_the_run_length(tmp_path, llam
     )
 
 
-def test_explicit_flags_win_over_the_preset(tmp_path, llama_dir, data_file):
+def test_explicit_flags_win_over_the_preset(tmp_path, llama_base, train_data, run):
     out = tmp_path / "run"
-    options = dict(max_steps=20, save_steps=0, adalora_preset="recommended")
-    run(out, llama_dir, data_file, **{**PRESET_DECIDES, "adalora_tinit": 3}, adalora_budget_unit="triplets", **options)
+    options = dict(max_steps=20, save_steps=0, adalora_preset="recommended", adalora_budget_unit="triplets")
+    run(out, llama_base, train_data, **{**PRESET_DECIDES, "adalora_tinit": 3}, **options)
     config = read_state_dir(out / "final").config
     assert (config.tinit, config.tfinal, config.budget_unit) == (3, 10, "triplets")  # tfinal still the preset's
     assert config.final_orth_reg_weight == 0.0
 
 
-def test_head_lr_trains_a_fresh_head_at_its_own_rate(tmp_path):
+def test_head_lr_trains_a_fresh_head_at_its_own_rate(tmp_path, bert_base):
     """--head_lr: the head moves at its rate while the adapters keep theirs (here: almost still)."""
-    base = write_toy_model(tmp_path / "bert", WORDS, arch="bert", hidden=32, num_labels=2)
+    base = bert_base
     rng = random.Random(0)
     rows = [{"text": " ".join(rng.choices(WORDS, k=5)), "label": rng.choice(["a", "b"])} for _ in range(32)]
     data = tmp_path / "data.jsonl"

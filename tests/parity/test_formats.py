@@ -8,17 +8,16 @@ import warnings
 
 import pytest
 import torch
+from models import GPT2_TARGETS, LLAMA_TARGETS, tiny_gpt2, tiny_llama
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
-from support import LLAMA_TARGETS, tiny_gpt2, tiny_llama, train_adalora
+from training import train_adalora, train_peft
 
-from adalora_export import AdaLoraConfig, CompactAdapter, UserError, adapted_layers
+from adalora_export import AdaLoraConfig, CompactAdapter, UserError, adapted_layers, inject_adapters
 from adalora_export.formats.peft import ADAPTER_CONFIG, ADAPTER_WEIGHTS, MANIFEST, PREFIX, save_adapter
 from adalora_export.sources import load_adapter
 
 peft = pytest.importorskip("peft")
-
-GPT2_TARGETS = ["c_attn", "c_proj", "c_fc"]
 
 
 @pytest.fixture(scope="module")
@@ -28,7 +27,8 @@ def llama_run():
     cfg = AdaLoraConfig(
         init_r=4, target_r=1, tinit=2, tfinal=2, lora_alpha=8, target_modules=LLAMA_TARGETS, total_step=12
     )
-    train_adalora(model, cfg, trainable=["lm_head"])
+    inject_adapters(model, cfg, trainable=["lm_head"])
+    train_adalora(model, cfg)
     adapter = CompactAdapter.from_model(model, cfg, task_type="causal_lm")
     ranks = list(adapter.rank_pattern.values())
     assert 0 in ranks and len(set(ranks)) >= 3, ranks  # heterogeneous, some modules at rank 0
@@ -41,6 +41,7 @@ def gpt2_run():
     cfg = AdaLoraConfig(
         init_r=4, target_r=2, tinit=1, tfinal=1, lora_alpha=8, target_modules=GPT2_TARGETS, total_step=8
     )
+    inject_adapters(model, cfg)
     train_adalora(model, cfg)
     return model, CompactAdapter.from_model(model, cfg, task_type="causal_lm")
 
@@ -140,16 +141,9 @@ def peft_trained():
         task_type="CAUSAL_LM",
         modules_to_save=["lm_head"],
     )
-    torch.manual_seed(3)
-    model = peft.get_peft_model(tiny_llama(seed=0), cfg)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-2)
     g = torch.Generator().manual_seed(4)
-    for step in range(1, 9):
-        x = torch.randint(0, 128, (4, 16), generator=g)
-        model(input_ids=x, labels=x).loss.backward()
-        optimizer.step()
-        model.base_model.update_and_allocate(step)
-        optimizer.zero_grad()
+    batches = [torch.randint(0, 128, (4, 16), generator=g) for _ in range(8)]
+    model = train_peft(tiny_llama(seed=0), cfg, batches, lr=2e-2)
     assert model.peft_config["default"].rank_pattern is not None
     return model.eval()
 

@@ -8,10 +8,11 @@ import re
 
 import pytest
 import torch
+from models import GPT2_TARGETS, LLAMA_TARGETS, tiny_gpt2, tiny_llama
 from safetensors.torch import load_file
-from support import LLAMA_TARGETS, tiny_gpt2, tiny_llama, train_adalora
+from training import train_adalora
 
-from adalora_export import AdaLoraConfig, CompactAdapter, UserError
+from adalora_export import AdaLoraConfig, CompactAdapter, UserError, inject_adapters
 from adalora_export.converters.lora import LORA_LAYOUTS, export_lora
 from adalora_export.formats.peft import ADAPTER_CONFIG, ADAPTER_WEIGHTS, PREFIX, save_adapter
 
@@ -23,9 +24,10 @@ def trained(request):
     if request.param == "llama":
         model, targets, extra = tiny_llama(seed=0), LLAMA_TARGETS, ["lm_head"]
     else:
-        model, targets, extra = tiny_gpt2(seed=0), ["c_attn", "c_proj", "c_fc"], None
+        model, targets, extra = tiny_gpt2(seed=0), GPT2_TARGETS, None
     cfg = AdaLoraConfig(init_r=4, target_r=1, tinit=2, tfinal=2, lora_alpha=8, target_modules=targets, total_step=10)
-    train_adalora(model, cfg, trainable=extra)
+    inject_adapters(model, cfg, trainable=extra)
+    train_adalora(model, cfg)
     adapter = CompactAdapter.from_model(model, cfg, task_type="causal_lm")
     assert any(m.rank == 0 for m in adapter.modules.values())
     return request.param, model, adapter

@@ -8,7 +8,7 @@ import sys
 import zipfile
 
 import pytest
-from support import ROOT
+from cli_runs import ROOT
 
 pytestmark = pytest.mark.slow  # builds a wheel
 

@@ -8,8 +8,8 @@ rerun is never blocked or confused by what the kill left; the next successful wr
 killed process's temporary siblings. `train --resume` after kills (some resumes killed again) ends
 with exactly the reference adapter's bytes.
 
-The commands run in children of a fork server (hardening_fixtures.ForkServer) that imported
-everything once, so a trial costs the command's own work.
+The commands run in children of a fork server (tests/forkserver.py) that imported everything
+once, so a trial costs the command's own work.
 """
 
 from __future__ import annotations
@@ -22,17 +22,9 @@ from pathlib import Path
 
 import onnxruntime as ort
 import pytest
+from files import hidden_temps, leftovers, tree_digest
+from forkserver import ForkServer
 from safetensors.torch import load_file
-from support import (
-    TRAIN_FLAGS,
-    ForkServer,
-    hidden_temps,
-    leftovers,
-    make_adapter,
-    make_base,
-    tree_digest,
-    write_data,
-)
 
 from adalora_export.formats.state import list_checkpoints, read_state_dir
 from adalora_export.io import atomic_output_dir, remove_stale_siblings
@@ -57,17 +49,17 @@ def started(work):
 
 
 @pytest.fixture(scope="module")
-def inputs(work, started):
-    base = make_base(work / "base")
-    return base, make_adapter(base, work / "adapter"), write_data(work / "train.jsonl")
+def inputs(llama_base, llama_adapter, train_data):
+    return llama_base, llama_adapter, train_data
 
 
 @pytest.fixture(scope="module")
-def server(work, started, inputs):
+def server(work, started, inputs, short_schedule_flags):
     base, _, data = inputs
     # One short run inside the server: model loading, the training step and the plot are then warm in every child.
-    warm = ["train", "--model", base, "--data", data, "--output", work / "warm", *TRAIN_FLAGS, "--max_steps", "2"]
-    assert started.warm_up([*warm, "--adalora_tinit", "0", "--adalora_tfinal", "0"]) == 1  # still safe to fork
+    warm = ["train", "--model", base, "--data", data, "--output", work / "warm", *short_schedule_flags]
+    warm += ["--max_steps", "2", "--adalora_tinit", "0", "--adalora_tfinal", "0"]
+    assert started.warm_up(warm) == 1  # still safe to fork
     return started
 
 
@@ -165,9 +157,9 @@ def check_killed_run(run: Path) -> None:
             json.loads((run / name).read_text())
 
 
-def test_train_killed_then_resumed_ends_byte_identical(server, inputs, work):
+def test_train_killed_then_resumed_ends_byte_identical(server, inputs, work, short_schedule_flags):
     base, _, data = inputs
-    fresh = ["train", "--model", base, "--data", data, *TRAIN_FLAGS, "--output"]
+    fresh = ["train", "--model", base, "--data", data, *short_schedule_flags, "--output"]
     reference = work / "train-reference"
     length = reference_run(server, [*fresh, reference])
     expected = relative_digest(reference / "adapter")
@@ -221,12 +213,12 @@ def test_next_write_removes_siblings_of_killed_writers(tmp_path):
 
 
 def test_a_child_killed_mid_bar_does_not_block_the_next_one():
-    """The fork server's children share tqdm's semaphore unless _fresh_tqdm_locks runs: a child killed
+    """The fork server's children share tqdm's semaphore unless fresh_tqdm_locks runs: a child killed
     while drawing a progress bar (transformers' "Loading weights" included) must not hang the next."""
     import signal
 
     import tqdm.auto
-    from support import _fresh_tqdm_locks
+    from forkserver import fresh_tqdm_locks
     from transformers.utils import logging as hf_logging
 
     with open(os.devnull, "w") as null:
@@ -234,7 +226,7 @@ def test_a_child_killed_mid_bar_does_not_block_the_next_one():
             make(total=1, file=null).close()
     holder = os.fork()
     if holder == 0:
-        _fresh_tqdm_locks()
+        fresh_tqdm_locks()
         tqdm.auto.tqdm.get_lock().acquire()
         time.sleep(60)
         os._exit(0)
@@ -243,7 +235,7 @@ def test_a_child_killed_mid_bar_does_not_block_the_next_one():
     os.waitpid(holder, 0)
     child = os.fork()
     if child == 0:
-        _fresh_tqdm_locks()
+        fresh_tqdm_locks()
         with open(os.devnull, "w") as null:
             hf_logging.tqdm(total=1, file=null).close()
             tqdm.auto.tqdm(total=1, file=null).close()

@@ -9,10 +9,11 @@ import sys
 
 import pytest
 import torch
-from support import ROOT, WORDS, assert_within_budget
+from cli_runs import ROOT
+from models import WORDS
+from training import assert_within_budget
 
 from adalora_export.sources import load_adapter
-from adalora_export.toy import write_toy_model
 from adalora_export.training import train
 
 pytestmark = pytest.mark.slow  # a system test: subprocesses, kills or torchrun
@@ -32,8 +33,8 @@ OPTIONS = {
 }
 
 
-def test_two_ranks_match_one_process(tmp_path):
-    base = write_toy_model(tmp_path / "base", WORDS, hidden=32, layers=2)
+def test_two_ranks_match_one_process(tmp_path, llama_base):
+    base = llama_base
     data = tmp_path / "train.jsonl"
     rng = torch.Generator().manual_seed(1)
     lengths = torch.randint(3, 10, (40,), generator=rng)  # ragged: the global token count must normalize the loss
@@ -50,7 +51,7 @@ def test_two_ranks_match_one_process(tmp_path):
     assert proc.stdout.count("trained 10 steps") == 1  # only rank 0 reports (and writes)
 
     single = train(tmp_path / "single", model=base, data=data, batch_size=4, progress=False, **OPTIONS)
-    masks = [json.loads((d / "rank_pattern.json").read_text())["rank_pattern"] for d in (ddp_dir, tmp_path / "single")]
+    masks = [json.loads((d / "rank_pattern.json").read_text())["frozen_mask"] for d in (ddp_dir, tmp_path / "single")]
     assert masks[0] == masks[1]
     ddp, one = load_adapter(ddp_dir / "adapter"), load_adapter(tmp_path / "single" / "adapter")
     assert ddp.rank_pattern == one.rank_pattern == single.ranks

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from support import assert_within_budget
+from training import assert_within_budget
 
 from adalora_export import cli
 

@@ -11,10 +11,11 @@ import time
 
 import pytest
 import torch
-from support import ROOT, WORDS, assert_within_budget
+from cli_runs import ROOT
+from models import WORDS
+from training import assert_within_budget
 
 from adalora_export.formats.state import list_checkpoints
-from adalora_export.toy import write_toy_model
 from adalora_export.training import train
 
 pytestmark = pytest.mark.slow  # a system test: subprocesses, kills or torchrun
@@ -36,8 +37,8 @@ OPTIONS = {
 }
 
 
-def test_sigkill_then_resume_is_byte_identical(tmp_path):
-    base = write_toy_model(tmp_path / "base", WORDS, hidden=48, layers=2)
+def test_sigkill_then_resume_is_byte_identical(tmp_path, tiny_base):
+    base = tiny_base(hidden=48)
     data = tmp_path / "train.jsonl"
     rng = torch.Generator().manual_seed(0)
     lines = [" ".join(WORDS[i] for i in torch.randint(0, len(WORDS), (8,), generator=rng)) for _ in range(64)]

@@ -6,8 +6,10 @@ import copy
 
 import pytest
 import torch
-from support import LLAMA_TARGETS, tiny_gpt2, tiny_llama
+from adapters import adapter_at_ranks
+from models import LLAMA_TARGETS, tiny_gpt2, tiny_llama
 from torch import nn
+from training import train_adalora
 from transformers.pytorch_utils import Conv1D
 
 from adalora_export import (
@@ -22,24 +24,8 @@ from adalora_export import (
     trainable_parameters,
 )
 
-
-def train(model, config, total, steps=None, seed=3, lr=2e-2, on_step=None):
-    """A minimal loop with the step contract of docs/design.md; returns (allocator, optimizer, losses)."""
-    allocator = RankAllocator(model, config, total_step=total)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
-    g = torch.Generator().manual_seed(seed)
-    losses = []
-    for step in range(1, (steps or total) + 1):
-        ids = torch.randint(0, 128, (4, 12), generator=g)
-        loss = model(input_ids=ids, labels=ids).loss + config.orth_reg_weight * orthogonal_regularizer(model)
-        loss.backward()
-        optimizer.step()
-        result = allocator.update_and_allocate(step, optimizer)
-        if on_step:
-            on_step(step, result, allocator, optimizer)
-        optimizer.zero_grad()
-        losses.append(loss.item())
-    return allocator, optimizer, losses
+# The batches these tests train on (training.train_adalora's random tokens): 4 x 12, seed 3.
+BATCHES = dict(seed=3, shape=(4, 12))
 
 
 def randomize_E(model, seed=0):
@@ -100,7 +86,7 @@ def test_gpt2_conv1d_path_trains_and_prunes():
     config = AdaLoraConfig(init_r=4, target_r=2, tinit=1, deltaT=1)
     inject_adapters(model, config)
     assert all(layer.fan_in_fan_out for _, layer in adapted_layers(model))
-    allocator, _, losses = train(model, config, total=8)
+    allocator, _, losses = train_adalora(model, config, 8, **BATCHES)
     assert sum(layer.rank for _, layer in adapted_layers(model)) == allocator.target_budget
     assert losses[-1] < losses[0]
 
@@ -166,7 +152,7 @@ def test_init_r_equal_target_r_trains_without_error_where_peft_fails():
     config = AdaLoraConfig(init_r=4, target_r=4, target_modules=LLAMA_TARGETS)
     model = tiny_llama()
     inject_adapters(model, config)
-    allocator, _, _ = train(model, config, total=6)
+    allocator, _, _ = train_adalora(model, config, 6, **BATCHES)
     assert allocator.kept() == allocator.init_budget == allocator.target_budget
     # PEFT's kthvalue(k=0) raises on the same schedule.
     peft = pytest.importorskip("peft")
@@ -209,8 +195,8 @@ def test_with_tfinal_zero_the_final_adapter_is_the_trained_model():
     config = AdaLoraConfig(init_r=4, target_r=2, tinit=2, tfinal=0, target_modules=LLAMA_TARGETS)
     model = tiny_llama()
     inject_adapters(model, config)
-    allocator, _, _ = train(model, config, total=10)
-    assert allocator.rank_pattern is not None  # fixed at the last step, not left at the last mask
+    allocator, _, _ = train_adalora(model, config, 10, **BATCHES)
+    assert allocator.frozen_mask is not None  # fixed at the last step, not left at the last mask
     adapter = CompactAdapter.from_model(model, config)
     assert sum(adapter.rank_pattern.values()) == allocator.target_budget
     fresh = adapter.apply_to(tiny_llama())
@@ -233,7 +219,7 @@ def test_physical_shrink_keeps_outputs_and_training_continues_with_sliced_state(
         if step == allocator.final_step:
             masked = seen["before"]
             for name, layer in adapted_layers(masked):  # PEFT's way: zero E of the dropped triplets
-                keep = torch.tensor(allocator.rank_pattern[name])
+                keep = torch.tensor(allocator.frozen_mask[name])
                 with torch.no_grad():
                     layer.lora_E[~keep] = 0
                     # the surviving weights moved one more optimizer step since the copy; take them over
@@ -250,7 +236,7 @@ def test_physical_shrink_keeps_outputs_and_training_continues_with_sliced_state(
                 assert any(p is layer.lora_A for p in optimizer.param_groups[0]["params"])
             seen["ranks"] = {n: l.rank for n, l in adapted_layers(model)}
 
-    allocator, optimizer, losses = train(model, config, total=20, on_step=on_step)
+    allocator, optimizer, losses = train_adalora(model, config, 20, **BATCHES, on_step=on_step)
     assert seen["diff"] <= 1e-6
     assert sum(seen["ranks"].values()) == allocator.target_budget
     assert {n: l.rank for n, l in adapted_layers(model)} == seen["ranks"]  # frozen after the shrink
@@ -303,7 +289,9 @@ def test_final_orth_reg_weight_option_switches_only_after_the_pattern_is_frozen(
     for config in (paper, option):
         model = tiny_llama()
         inject_adapters(model, config)
-        train(model, config, total=8, on_step=lambda s, r, alloc, o: seen.append((s, alloc.orth_reg_weight)))
+        train_adalora(
+            model, config, 8, **BATCHES, on_step=lambda s, r, alloc, o: seen.append((s, alloc.orth_reg_weight))
+        )
     assert [w for _, w in seen[:8]] == [0.5] * 8  # the paper's weight throughout
     assert [w for _, w in seen[8:]] == [0.5] * 4 + [0.0] * 4  # 0 from the final step (5) on
     with pytest.raises(UserError, match="final_orth_reg_weight"):
@@ -359,7 +347,7 @@ def test_budget_in_parameters_trains_to_an_adapter_no_larger_than_lora_at_target
     config = AdaLoraConfig(init_r=4, target_r=2, tinit=2, tfinal=3, target_modules=LLAMA_TARGETS, budget_unit="params")
     inject_adapters(model, config)
     seen = []
-    allocator, _, _ = train(model, config, total=10, on_step=lambda s, r, a, o: seen.append(r.budget))
+    allocator, _, _ = train_adalora(model, config, 10, **BATCHES, on_step=lambda s, r, a, o: seen.append(r.budget))
     assert seen[0] == allocator.init_budget and seen[-1] == allocator.target_budget
     assert all(a >= b for a, b in zip(seen, seen[1:]))  # the cubic schedule, now in parameters
     adapter = CompactAdapter.from_model(model, config)
@@ -370,8 +358,6 @@ def test_budget_in_parameters_trains_to_an_adapter_no_larger_than_lora_at_target
 
 
 def test_a_parameter_budget_is_reported_in_parameters_and_survives_save_and_load(tmp_path):
-    from support import adapter_at_ranks
-
     from adalora_export.formats.peft import read_adapter_dir, save_adapter
     from adalora_export.report import format_table
 

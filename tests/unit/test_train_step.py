@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from support import LLAMA_TARGETS, tiny_llama
+from models import LLAMA_TARGETS, tiny_llama
 
 from adalora_export import AdaLoraConfig, RankAllocator, adapted_layers, inject_adapters, orthogonal_regularizer
 from adalora_export.training.data import Example, collate
