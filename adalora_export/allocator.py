@@ -21,12 +21,14 @@ from .model import adapted_layers
 
 @dataclass
 class Allocation:
-    """What one call of ``update_and_allocate`` did (``budget`` in the config's ``budget_unit``)."""
+    """What one call of ``update_and_allocate`` did. ``budget`` and ``kept`` (what the triplets in force
+    cost) are in the config's ``budget_unit``, so they compare; ``kept_triplets`` counts the triplets."""
 
     budget: int
     masked: bool
     kept: int
     final: bool
+    kept_triplets: int = 0
 
 
 class RankAllocator:
@@ -139,13 +141,13 @@ class RankAllocator:
     def update_and_allocate(self, step: int, optimizer: torch.optim.Optimizer | None = None) -> Allocation:
         """The per-optimizer-step call (after ``optimizer.step()``, before ``zero_grad()``)."""
         if self.frozen_mask is not None:  # final phase: ranks are frozen and already physical
-            return Allocation(self.target_budget, False, self.kept(), True)
+            return self._allocation(self.target_budget, False, True)
         if step < self.final_step:
             self.update_importance()
             budget, mask_now = self.budget_schedule(step)
             if mask_now:
                 self.mask_to_budget(budget)
-            return Allocation(budget, mask_now, self.kept(), False)
+            return self._allocation(budget, mask_now, False)
         # step == final_step (or later, when resuming a run that stopped right there): fix the pattern.
         scores = self.triplet_scores()
         masks = self.mask_to_budget(self.target_budget)
@@ -159,13 +161,22 @@ class RankAllocator:
         for name, layer in self.layers:
             layer.prune(masks[name], optimizer)
         self.params, self.exp_avg_ipt, self.exp_avg_unc = [], [], []  # importance is no longer needed
-        return Allocation(self.target_budget, True, self.kept(), True)
+        return self._allocation(self.target_budget, True, True)
 
-    def kept(self) -> int:
+    def kept_triplets(self) -> int:
         """Number of triplets currently in force."""
         if self.current_mask is None:
-            return self.init_budget
+            return self.config.init_r * len(self.layers)
         return sum(sum(m) for m in self.current_mask.values())
+
+    def kept(self) -> int:
+        """What the triplets in force cost, in the budget's unit (triplets or parameters)."""
+        if self.current_mask is None:
+            return self.init_budget
+        return sum(cost * sum(self.current_mask[name]) for (name, _), cost in zip(self.layers, self.triplet_costs))
+
+    def _allocation(self, budget: int, masked: bool, final: bool) -> Allocation:
+        return Allocation(budget, masked, self.kept(), final, self.kept_triplets())
 
     # ------------------------------------------------------------------- resume
     def state_dict(self) -> dict:

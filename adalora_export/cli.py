@@ -2,6 +2,9 @@
 
 Exit codes: 0 done; 2 bad input or usage (one line on stderr naming the problem, nothing
 written); 1 an unexpected failure.
+
+Each command imports its library module when it runs: at import this module reads only the choices
+its options offer (from modules that do not load torch), so ``--help`` and ``infer`` never load torch.
 """
 
 from __future__ import annotations
@@ -12,18 +15,12 @@ import sys
 
 import click
 
-from .converters.onnx import DTYPES, MAX_OPSET, MIN_OPSET, OPTIMIZED_DTYPES, TARGETS
-from .demo import run_demo
 from .errors import UserError
-from .export import LORA_FORMATS, LORA_LAYOUTS, export_adapter
+from .formats.lora_dir import LORA_FORMATS, LORA_LAYOUTS
+from .formats.onnx_dir import DTYPES, MAX_OPSET, MIN_OPSET, OPTIMIZED_DTYPES, TARGETS
 from .io import disk_full, disk_full_message
-from .prune import prune as prune_source
-from .report import inspect_adapter
-from .serving import PROVIDERS
-from .serving import infer as run_inference
-from .training import TrainArgs
-from .training import train as run_training
-from .training.args import option_types
+from .serving.providers import PROVIDERS
+from .training.args import TrainArgs, option_types
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -68,6 +65,8 @@ def _train_options(func):
 @click.pass_context
 def train(ctx: click.Context, resume: bool, overwrite: bool, **options) -> None:
     """Train an AdaLoRA adapter: --model BASE_DIR --data FILE --output RUN_DIR (torchrun for several ranks)."""
+    from .training import train as run_training
+
     if resume:  # the run's own options apply; pass on only what was given, to be checked against them
         source = click.core.ParameterSource
         options = {k: v for k, v in options.items() if k == "output" or ctx.get_parameter_source(k) != source.DEFAULT}
@@ -82,6 +81,8 @@ def train(ctx: click.Context, resume: bool, overwrite: bool, **options) -> None:
 @click.option("--overwrite", is_flag=True, help="Replace an existing --output directory.")
 def demo(output: str | None, steps: int | None, overwrite: bool) -> None:
     """The whole path on a built-in tiny model and data set (no downloads)."""
+    from .demo import run_demo
+
     run_demo(output=output, steps=steps, overwrite=overwrite)
 
 
@@ -126,6 +127,8 @@ def demo(output: str | None, steps: int | None, overwrite: bool) -> None:
 @click.option("--overwrite", is_flag=True, help="Replace an existing output.")
 def export(adapter_dir, output, **options) -> None:
     """Ship an adapter: --to lora, --merge into the base, or --onnx [--merge | --adapter-inputs]."""
+    from .export import export_adapter
+
     for line in export_adapter(adapter_dir, output, **options).lines:
         click.echo(line)
 
@@ -137,6 +140,8 @@ def export(adapter_dir, output, **options) -> None:
 @click.option("--overwrite", is_flag=True, help="Replace an existing output.")
 def prune(source, output, allow_pickle, overwrite) -> None:
     """Write the compact adapter of a run, a checkpoint or a PEFT AdaLoRA directory."""
+    from .prune import prune as prune_source
+
     adapter = prune_source(source, output, overwrite=overwrite, allow_pickle=allow_pickle)
     click.echo(
         f"wrote {output}: {len(adapter.modules)} modules, total rank {sum(adapter.rank_pattern.values())}, "
@@ -152,23 +157,44 @@ def prune(source, output, allow_pickle, overwrite) -> None:
 @click.option("--overwrite", is_flag=True, help="Replace an existing plot file.")
 def inspect_command(adapter_dir, as_json, plot, allow_pickle, overwrite) -> None:
     """Ranks per module, parameters and share of the budget; --plot draws the rank heat map."""
+    from .report import inspect_adapter
+
     click.echo(inspect_adapter(adapter_dir, as_json=as_json, plot=plot, overwrite=overwrite, allow_pickle=allow_pickle))
 
 
 @cli.command()
 @click.argument("onnx_dir", type=click.Path())
 @click.option("--prompt", default=None, help="Causal LM: text to continue.")
+@click.option("--chat", default=None, help="Causal LM: a user message, answered through the model's chat template.")
+@click.option("--system", default=None, help="With --chat: the system message before it.")
 @click.option("--max_new_tokens", "--max-new-tokens", type=int, default=32, show_default=True)
 @click.option("--sample", is_flag=True, help="Sample instead of greedy decoding.")
-@click.option("--temperature", type=float, default=1.0, show_default=True, help="With --sample.")
+@click.option("--temperature", type=float, default=None, help="With --sample: divides the logits (default 1.0).")
 @click.option("--top_k", "--top-k", type=int, default=None, help="With --sample: draw among the k best.")
+@click.option("--top_p", "--top-p", type=float, default=None, help="With --sample: draw from the nucleus of mass p.")
 @click.option("--seed", type=int, default=None, help="With --sample: seed of the draws.")
+@click.option(
+    "--repetition_penalty",
+    "--repetition-penalty",
+    type=float,
+    default=None,
+    help="Above 1 discourages tokens already in the text (greedy or --sample; default 1.0).",
+)
+@click.option("--stop", multiple=True, help="End when the text contains this (cut before it); repeatable.")
 @click.option("--text", default=None, help="Classifier: label the text; encoder: embed it.")
 @click.option("--adapter", type=click.Path(), default=None, help="FILE.onnx_adapter for an --adapter-inputs graph.")
-@click.option("--provider", type=click.Choice(PROVIDERS), default="auto", show_default=True)
+@click.option(
+    "--provider",
+    type=click.Choice(PROVIDERS),
+    default="auto",
+    show_default=True,
+    help="Optimized graphs run on the provider they were built for (export --target).",
+)
 def infer(onnx_dir, **options) -> None:
-    """Run an exported graph with onnxruntime: --prompt for causal LMs, --text for encoders/classifiers."""
-    if options["prompt"] is None:
+    """Run an exported graph: --prompt or --chat for causal LMs, --text for encoders/classifiers."""
+    from .serving import infer as run_inference
+
+    if options["prompt"] is None and options["chat"] is None:
         click.echo(run_inference(onnx_dir, **options))
         return
     # Generated text is printed as it arrives, then the line is ended.

@@ -21,6 +21,7 @@ import torch
 from .adapter import CompactAdapter
 from .converters.merge import merge_into_base, verify_merge
 from .converters.onnx import OnnxKind, export_onnx
+from .errors import UserError
 from .io import check_output_path
 from .serving import OnnxServer
 from .sources import load_adapter
@@ -62,14 +63,22 @@ def run_demo(output: str | None = None, steps: int | None = None, overwrite: boo
         torch.set_num_threads(threads)
 
 
+DEMO_ENTRIES = ("base", "data", "merged", "onnx", "run")  # what a demo leaves in its --output (all, or some)
+
+
 def _demo_root(output: str | None, overwrite: bool) -> Path:
     if output is None:
         return Path(tempfile.mkdtemp(prefix="adalora-demo-"))
-    check_output_path(output, overwrite)
+    check_output_path(output, overwrite, inputs={})  # the demo reads nothing of the user's
     root = Path(output)
     if root.exists():
+        # --overwrite replaces an earlier demo only: anything else is the user's, and rmtree is not undoable.
+        if not root.is_dir() or not {p.name for p in root.iterdir()} <= set(DEMO_ENTRIES):
+            raise UserError(
+                f"{root} is not an earlier demo's output ({', '.join(DEMO_ENTRIES)}); choose another --output"
+            )
         shutil.rmtree(root)
-    root.mkdir()
+    root.mkdir(parents=True)
     return root
 
 

@@ -14,14 +14,14 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from .adapter import CompactAdapter
-from .converters.lora import LORA_LAYOUTS, export_lora
+from .converters.lora import export_lora
 from .converters.merge import merge_into_base, verify_merge
 from .converters.onnx import OnnxKind, export_onnx, export_optimized, write_onnx_adapter
 from .errors import UserError
+from .formats.lora_dir import LORA_FORMATS, LORA_LAYOUTS
 from .io import check_output_path
 from .sources import load_adapter, resolve_base_dir
 
-LORA_FORMATS = ("lora",)
 __all__ = ["LORA_FORMATS", "LORA_LAYOUTS", "ExportRequest", "ExportResult", "export_adapter"]
 
 # The options each target takes besides the ones every export takes (output, overwrite, allow_pickle).
@@ -36,6 +36,7 @@ TARGET_OPTIONS = {
     ),
     "onnx": (_ONNX | {"onnx", "opset", "with_past"}, "--onnx"),
 }
+_READ_BASE = {kind for kind, (allowed, _) in TARGET_OPTIONS.items() if "base" in allowed}  # targets on a base model
 
 
 @dataclass
@@ -108,14 +109,18 @@ def export_adapter(
     """Export the adapter at ``source`` (any source ``sources.load_adapter`` reads) into ``output``.
 
     The options come as an ``ExportRequest`` or as its fields by keyword. An option that does not
-    apply to the target is a UserError naming the flag, before anything is read or written.
+    apply to the target is a UserError naming the flag, before anything is read or written; so is an
+    output that is, contains or would replace part of an input (the source, the base, the ``graph``).
     """
     request = request or ExportRequest(**options)
     kind = request.check()
-    output = check_output_path(output, request.overwrite)
-    if output.absolute().resolve() == Path(source).absolute().resolve():
-        raise UserError(f"the output {output} is the adapter directory; choose another")
-    adapter = load_adapter(source, allow_pickle=request.allow_pickle)
+    adapter, base_dir = None, request.base
+    if kind in _READ_BASE and base_dir is None:  # the base the adapter names: read the (small) adapter first
+        adapter = load_adapter(source, allow_pickle=request.allow_pickle)
+        base_dir = resolve_base_dir(adapter, None)
+    inputs = {"the adapter source": source, "the base model": base_dir, "the graph directory": request.graph}
+    output = check_output_path(output, request.overwrite, inputs=inputs)
+    adapter = adapter or load_adapter(source, allow_pickle=request.allow_pickle)
     if kind == "lora":
         layout = request.lora_layout or LORA_LAYOUTS[0]
         export_lora(adapter, output, overwrite=request.overwrite, layout=layout)
@@ -123,7 +128,7 @@ def export_adapter(
     if kind == "onnx_adapter":
         write_onnx_adapter(adapter, request.graph, output, overwrite=request.overwrite)
         return ExportResult("onnx_adapter", output, [f"wrote {output} for the graph in {request.graph}"])
-    base_dir = resolve_base_dir(adapter, request.base)
+    base_dir = resolve_base_dir(adapter, base_dir)
     if kind == "merged":
         return _merge(adapter, base_dir, output, request)
     return _onnx(adapter, base_dir, output, request, optimized=kind == "optimized")

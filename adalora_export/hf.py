@@ -5,11 +5,13 @@ from __future__ import annotations
 import contextlib
 import os
 from pathlib import Path
-
-from torch import nn
+from typing import TYPE_CHECKING
 
 from .errors import UserError
 from .io import check_safetensors, read_json
+
+if TYPE_CHECKING:  # torch is imported where models are loaded: the runtime and --help never load it
+    from torch import nn
 
 CAUSAL_LM = "causal_lm"
 SEQ_CLS = "seq_cls"
@@ -80,6 +82,38 @@ def quiet_transformers():
         logging.set_verbosity(verbosity)
         if bars:
             logging.enable_progress_bar()
+
+
+VOCABULARY_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "tokenizer.model", "spiece.model")
+
+
+def load_tokenizer(model_dir: str | os.PathLike):
+    """The tokenizer of a local model directory, refused unless it can really tokenize for the model.
+
+    transformers builds an empty tokenizer (its 5 special tokens) from a directory that has a config but
+    no vocabulary file, and training then runs on [UNK]s without a word: a directory needs one of
+    ``VOCABULARY_FILES``, and a vocabulary that fits ``config.vocab_size`` (no id past the embedding, and
+    not under half of it, which is a tokenizer for another model).
+    """
+    from transformers import AutoTokenizer
+
+    path = Path(model_dir)
+    config = check_model_dir(path)
+    if not any((path / name).is_file() for name in VOCABULARY_FILES):
+        raise UserError(
+            f"{path} has no tokenizer (none of {', '.join(VOCABULARY_FILES)}); copy the model's tokenizer files there"
+        )
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True, trust_remote_code=False)
+    except (OSError, ValueError, TypeError) as exc:
+        raise UserError(f"cannot load a tokenizer from {path}: {str(exc).splitlines()[0]}") from None
+    vocab_size = (config.get("text_config") or config).get("vocab_size")
+    if vocab_size and not vocab_size / 2 <= len(tokenizer) <= vocab_size:
+        raise UserError(
+            f"the tokenizer in {path} has {len(tokenizer)} tokens, the model's vocabulary {vocab_size}: "
+            "it is not this model's tokenizer"
+        )
+    return tokenizer
 
 
 def check_head_size(config: dict, num_labels: int | None, base: str) -> None:

@@ -1,8 +1,11 @@
 """Safe file handling shared by every command: atomic outputs and guarded tensor loading.
 
 Rules (README "Safety"): outputs are written to a temporary sibling and renamed into place only
-when complete; an existing output is never replaced without ``overwrite``; pickle files are read
-only when the user allowed it, and then with ``torch.load(weights_only=True)``.
+when complete; an existing output is never replaced without ``overwrite``; an output never is,
+contains or replaces part of its command's inputs, even with ``overwrite`` (``check_output_spares_inputs``,
+called through ``check_output_path`` by every command before any work); missing parent directories
+of an output are created by the writer, and removed again if it fails; pickle files are read only
+when the user allowed it, and then with ``torch.load(weights_only=True)``.
 
 Temporary siblings carry the writer's pid (``.NAME.tmp-PID-XXXX``): a process killed mid-write
 (SIGKILL runs no cleanup) leaves one behind, and the next successful write of NAME removes those
@@ -19,21 +22,30 @@ import os
 import re
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from .errors import UserError
+
+if TYPE_CHECKING:  # torch is imported where tensors are read: the runtime and --help never load it
+    import torch
 
 DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
 _STALE = re.compile(r"(?:tmp|old)-(\d+)(?:-|$)")  # after ".NAME.": what atomic outputs name their siblings
 
 
-def check_output_path(path: str | os.PathLike, overwrite: bool, make_parents: bool = False) -> Path:
-    """Fail early (before any work) if ``path`` exists and may not be replaced, or cannot be created
-    (with ``make_parents``, missing parent directories will be created: their nearest existing one counts)."""
+def check_output_path(
+    path: str | os.PathLike,
+    overwrite: bool,
+    make_parents: bool = True,
+    inputs: Mapping[str, str | os.PathLike | None] | None = None,
+) -> Path:
+    """Fail early (before any work) if ``path`` is refused by ``check_output_spares_inputs`` (``inputs``: what
+    the command reads), exists and may not be replaced, or cannot be created (with ``make_parents``, every
+    command's rule: missing parent directories will be created, by the atomic writers, so their nearest
+    existing one counts)."""
+    check_output_spares_inputs(path, inputs or {})
     path = Path(path)
     if path.exists() and not overwrite:
         raise UserError(f"output {path} already exists; pass --overwrite to replace it")
@@ -49,50 +61,101 @@ def check_output_path(path: str | os.PathLike, overwrite: bool, make_parents: bo
     return path
 
 
+def check_output_spares_inputs(output: str | os.PathLike, inputs: Mapping[str, str | os.PathLike | None]) -> None:
+    """The one rule for every command's output: it may not be one of the command's inputs, contain one (be
+    an ancestor directory of it), or replace an existing part of one (an existing path inside an input
+    directory), with or without --overwrite. A new path inside an input directory is allowed
+    (``export RUN/adapter --onnx --output RUN/onnx``). ``inputs`` maps what each input is ("the base
+    model") to its path (None: not given; a path that does not exist holds nothing to lose and is left
+    to the command's own checks). Paths compare absolute with symlinks resolved: both the entry that
+    would be replaced (its directory resolved) and, when the output is a link, where it points."""
+    given = Path(os.path.abspath(output))
+    entry = given.parent.resolve() / given.name if given.name else given
+    targets = dict.fromkeys([entry, entry.resolve()])
+    for what, path in inputs.items():
+        if path is None or not Path(path).exists():
+            continue
+        source = Path(path).resolve()
+        for target in targets:
+            if target == source:
+                problem = "would replace the input"
+            elif source.is_relative_to(target):
+                problem = "contains the input"
+            elif target.is_relative_to(source) and os.path.lexists(target):
+                problem = "would replace part of the input"
+            else:
+                continue
+            raise UserError(f"the output {output} {problem} {path} ({what}); choose another output")
+
+
+@contextlib.contextmanager
+def output_parents(path: str | os.PathLike) -> Iterator[None]:
+    """Create the missing parent directories of the output ``path`` for the block; if the block fails,
+    remove again those it created (still empty), so that a refused or failed write leaves no new directory."""
+    created = []
+    parent = Path(path).absolute().parent
+    while not parent.exists() and parent != parent.parent:
+        created.append(parent)
+        parent = parent.parent
+    for directory in reversed(created):
+        directory.mkdir(exist_ok=True)
+    try:
+        yield
+    except BaseException:
+        for directory in created:  # deepest first
+            with contextlib.suppress(OSError):
+                directory.rmdir()
+        raise
+
+
 @contextlib.contextmanager
 def atomic_output_dir(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a temporary directory beside ``path``; on success rename it to ``path``, else delete it.
+    """Yield a temporary directory beside ``path``; on success rename it to ``path``, else delete it
+    (missing parent directories are created first, and removed again on failure: ``output_parents``).
 
     The old output (with ``overwrite``) is moved aside first and removed only after the new one is
     in place, so a failure at any point leaves either the old complete output or the new one.
     """
     path = check_output_path(path, overwrite)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-{os.getpid()}-", dir=path.absolute().parent))
-    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it 0700; the output gets the usual permissions
-    try:
-        yield tmp
-        _fsync_tree(tmp)
-        if path.exists():
-            old = path.with_name(f".{path.name}.old-{os.getpid()}")
-            os.replace(path, old)
-            os.replace(tmp, path)
-            _remove(old)
-        else:
-            os.replace(tmp, path)
-    except BaseException as exc:
-        shutil.rmtree(tmp, ignore_errors=True)
-        _raise_if_disk_full(exc, path)
-        raise
+    with output_parents(path):
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-{os.getpid()}-", dir=path.absolute().parent))
+        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it 0700; the output gets the usual permissions
+        try:
+            yield tmp
+            _fsync_tree(tmp)
+            if path.exists():
+                old = path.with_name(f".{path.name}.old-{os.getpid()}")
+                os.replace(path, old)
+                os.replace(tmp, path)
+                _remove(old)
+            else:
+                os.replace(tmp, path)
+        except BaseException as exc:
+            shutil.rmtree(tmp, ignore_errors=True)
+            _raise_if_disk_full(exc, path)
+            raise
     remove_stale_siblings(path)
 
 
 @contextlib.contextmanager
 def atomic_output_file(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a temporary file path beside ``path``; rename it into place only on success."""
+    """Yield a temporary file path beside ``path``; rename it into place only on success (parents as
+    ``atomic_output_dir``)."""
     path = check_output_path(path, overwrite)
-    fd, name = tempfile.mkstemp(prefix=f".{path.name}.tmp-{os.getpid()}-", dir=path.absolute().parent)
-    os.close(fd)
-    tmp = Path(name)
-    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it 0600
-    try:
-        yield tmp
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException as exc:
-        tmp.unlink(missing_ok=True)
-        _raise_if_disk_full(exc, path)
-        raise
+    with output_parents(path):
+        fd, name = tempfile.mkstemp(prefix=f".{path.name}.tmp-{os.getpid()}-", dir=path.absolute().parent)
+        os.close(fd)
+        tmp = Path(name)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it 0600
+        try:
+            yield tmp
+            with open(tmp, "rb+") as fh:
+                os.fsync(fh.fileno())
+            os.replace(tmp, path)
+        except BaseException as exc:
+            tmp.unlink(missing_ok=True)
+            _raise_if_disk_full(exc, path)
+            raise
     remove_stale_siblings(path)
 
 
@@ -212,6 +275,8 @@ def load_tensors(path: str | os.PathLike, allow_pickle: bool = False, device: st
 
     Truncated or corrupt files, and NaN/Inf values, are UserErrors naming the file (and tensor).
     """
+    import torch
+
     path = Path(path)
     if not path.is_file():
         raise UserError(f"missing file {path}")

@@ -23,7 +23,7 @@ def prune(
     a checkpoint (training state directory), or an AdaLoRA adapter directory (ours or PEFT's, sliced or
     unsliced). ``.bin`` weights are read only with ``allow_pickle``.
     """
-    check_output_path(output, overwrite)  # fail before reading anything large
+    check_output_path(output, overwrite, inputs={"the adapter source": source})  # before reading anything large
     adapter = load_adapter(source, allow_pickle=allow_pickle)
     save_adapter(adapter, output, overwrite=overwrite)
     return adapter

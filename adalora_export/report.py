@@ -25,7 +25,7 @@ def inspect_adapter(
 ) -> str:
     """The report on an adapter (a table, or JSON with ``as_json``); with ``plot``, also draw the heat map."""
     if plot is not None:
-        _check_png_path(plot, overwrite)
+        _check_png_path(plot, overwrite, inputs={"the adapter source": adapter_dir})
     adapter = load_adapter(adapter_dir, allow_pickle=allow_pickle)
     if plot is not None:
         plot_rank_heatmap(adapter, plot, overwrite=overwrite)
@@ -165,7 +165,7 @@ def plot_rank_heatmap(adapter: CompactAdapter, png_path: str | os.PathLike, over
     return Path(png_path)
 
 
-def _check_png_path(path: str | os.PathLike, overwrite: bool) -> None:
+def _check_png_path(path: str | os.PathLike, overwrite: bool, inputs: dict | None = None) -> None:
     if Path(path).suffix.lower() != ".png":
         raise UserError(f"plot file {path} must end in .png")
-    check_output_path(path, overwrite)
+    check_output_path(path, overwrite, inputs=inputs)

@@ -25,10 +25,9 @@ import torch
 
 from adalora_export.adapter import CompactAdapter
 from adalora_export.errors import UserError
+from adalora_export.formats.lora_dir import LORA_LAYOUTS
 from adalora_export.formats.peft import PREFIX, extra_weight_tensors, peft_common_config, write_peft_dir
 from adalora_export.io import check_output_path
-
-LORA_LAYOUTS = ("compact", "uniform")
 
 
 def lora_factors(adapter: CompactAdapter, path: str, rank: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:

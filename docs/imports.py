@@ -21,8 +21,8 @@ FOLDERS = {ROOT / "adalora_export": PACKAGE, ROOT / "converters": f"{PACKAGE}.co
 # The flow, earliest first; a module not named takes the stage of its package.
 STAGES = [
     ["errors"],
-    ["io"],
-    ["hf", "toy"],
+    ["io", "devices"],
+    ["hf", "toy", "pretrained"],
     ["config"],
     ["layer"],
     ["model"],

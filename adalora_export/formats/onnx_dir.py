@@ -26,6 +26,11 @@ ADAPTER_FILE = "adapter.onnx_adapter"
 GENAI_CONFIG = "genai_config.json"  # onnxruntime-genai's description of a causal LM with a KV cache
 MANIFEST_FORMAT = "adalora-export-onnx"
 MANIFEST_VERSION = 1
+# What a manifest's dtype, target and opset may be (the export command's choices, read without torch):
+DTYPES = ("fp32", "fp16")  # TorchScript graphs
+OPTIMIZED_DTYPES = ("fp32", "fp16", "int4")  # the builder's optimized graphs
+TARGETS = ("cpu", "cuda")  # the execution provider an optimized graph is built for
+MIN_OPSET, MAX_OPSET = 14, 20  # TorchScript graphs
 TOKENIZER_FILES = (
     "tokenizer.json",
     "tokenizer_config.json",
@@ -90,6 +95,9 @@ class Manifest:
     extra_inputs: dict[str, list[int]] = field(default_factory=dict)  # swappable head weights -> shape
     eos_token_ids: list[int] = field(default_factory=list)
     labels: dict[str, str] = field(default_factory=dict)  # seq_cls: class index -> label
+    # seq_cls: whether the base had a classification head of its own. When it had none, an adapter-input
+    # graph's default head weights are untrained, and the server answers only with an adapter active.
+    head_in_base: bool | None = None
     max_length: int | None = None  # tokens per example in training: the server truncates to it
     pad_token_id: int | None = None
     inputs: list[dict] = field(default_factory=list)  # the graph's data inputs: name, dtype, shape
@@ -193,6 +201,12 @@ def open_onnx_dir(onnx_dir: str | os.PathLike) -> tuple[Path, dict]:
     check of the graph's external data before it lets onnxruntime read it.
     """
     onnx_dir = Path(onnx_dir)
+    if onnx_dir.is_dir() and not (onnx_dir / MANIFEST).is_file() and not (onnx_dir / MODEL_FILE).is_file():
+        what = "an adapter directory" if (onnx_dir / "adapter_config.json").is_file() else "a directory"
+        raise UserError(
+            f"{onnx_dir} is {what}, not an exported ONNX directory (no {MANIFEST}); "
+            "make one with adalora-export export ... --onnx"
+        )
     check_model_dir(onnx_dir)
     model_path = onnx_dir / MODEL_FILE
     if not model_path.is_file():

@@ -5,9 +5,15 @@ The runtime reads what the ONNX exporter wrote through the one definition of tha
 Nothing here imports onnxruntime until a graph is opened.
 
 ``server``: ``OnnxServer(onnx_dir)`` checks the directory, picks its engine once from the manifest,
-and holds the tokenizer and the active adapter: ``generate`` / ``stream`` for causal LMs (greedy or
-sampling, a batch of prompts at once), ``classify`` and ``embed`` for encoders, ``run`` for one
-forward pass. ``infer`` is the ``adalora-export infer`` command as one call.
+and holds the tokenizer and the active adapter: ``generate`` / ``stream`` / ``chat`` (the model's
+chat template, ending at its end-of-turn token) for causal LMs (greedy or sampling, stop strings, a
+batch at once), ``classify`` and ``embed`` for encoders, ``run`` for one forward pass. ``infer`` is
+the ``adalora-export infer`` command as one call; ``check_flags`` the one rule for its options that
+do not apply.
+
+``text``: ``RowText``, a row's text as its tokens arrive (what is stable: multi-byte characters
+whole, stop strings held back and cut). ``tokenizer``: the directory's tokenizer read with the
+``tokenizers`` library, as transformers reads it, without loading torch.
 
 ``engine``: the one interface a server drives (``Engine``: ``run``, ``set_adapter``,
 ``generate_batch_ids``, ``provider``) and ``GenerateOptions``, how each new token is chosen.

@@ -19,14 +19,26 @@ import numpy as np
 @dataclass(frozen=True)
 class GenerateOptions:
     """How each new token is chosen: the argmax, or (``do_sample``) a draw seeded by ``seed`` from
-    softmax(logits / ``temperature``) over the ``top_k`` best; ``use_cache``: feed only the tokens the
-    graph has not seen through its KV cache, when it has one (onnxruntime-genai always does)."""
+    softmax(logits / ``temperature``) over the ``top_k`` best, then the smallest set of those whose
+    probabilities sum to ``top_p`` (nucleus). ``repetition_penalty`` (greedy and sampling, CTRL's rule as
+    transformers and onnxruntime-genai apply it) divides a positive logit, and multiplies a negative
+    one, of every token already in the sequence, prompt included. A row ends at an end-of-sequence
+    token of the manifest or one of ``stop_token_ids`` (a chat template's end of turn), which is kept.
+    ``use_cache``: feed only the tokens the graph has not seen through its KV cache, when it has one
+    (onnxruntime-genai always does)."""
 
     do_sample: bool = False
     temperature: float = 1.0
     top_k: int | None = None
     seed: int | None = None
     use_cache: bool = True
+    top_p: float = 1.0
+    repetition_penalty: float = 1.0
+    stop_token_ids: frozenset[int] = frozenset()
+
+    def end_ids(self, manifest: dict) -> set[int]:
+        """The tokens that end a row: the manifest's end-of-sequence ids and ``stop_token_ids``."""
+        return set(manifest.get("eos_token_ids") or []) | set(self.stop_token_ids)
 
 
 class Engine(ABC):

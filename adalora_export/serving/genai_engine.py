@@ -60,7 +60,7 @@ class GenaiEngine(Engine):
         padded into one: onnxruntime-genai's left padding shifts a padded row's positions, so it would
         not get what it gets alone (measured: other tokens on a random-weight model).
         """
-        eos = set(self.manifest.get("eos_token_ids") or [])
+        eos = options.end_ids(self.manifest)
         groups: dict[int, list[int]] = {}
         for row, ids in enumerate(batch):
             groups.setdefault(len(ids), []).append(row)
@@ -91,10 +91,14 @@ class GenaiEngine(Engine):
         search = {"batch_size": len(prompts), "max_length": length, "do_sample": options.do_sample}
         if options.do_sample:
             search["temperature"] = options.temperature
-            if options.top_k:
-                search["top_k"] = options.top_k
+            # No top_k: the whole vocabulary, as our own loop draws (0; not the config's default of 50).
+            search["top_k"] = options.top_k or 0
+            if options.top_p < 1.0:
+                search["top_p"] = options.top_p
             if options.seed is not None:
                 search["random_seed"] = options.seed
+        if options.repetition_penalty != 1.0:
+            search["repetition_penalty"] = options.repetition_penalty
         params.set_search_options(**search)
         generator = og.Generator(self.genai_model, params)
         if self.adapters is not None:

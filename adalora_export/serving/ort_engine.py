@@ -70,8 +70,9 @@ class OrtEngine(Engine):
         self, batch: list[list[int]], max_new_tokens: int, options: GenerateOptions
     ) -> Iterator[list[int | None]]:
         rng = np.random.default_rng(options.seed)
-        eos = set(self.manifest.get("eos_token_ids") or [])
-        pad = self.manifest.get("pad_token_id") or next(iter(eos), 0)
+        pad = self.manifest.get("pad_token_id") or next(iter(set(self.manifest.get("eos_token_ids") or [])), 0)
+        eos = options.end_ids(self.manifest)
+        seen = [set(ids) for ids in batch]  # the tokens a repetition penalty applies to (prompt included)
         width = max(len(ids) for ids in batch)
         sequences = np.asarray([[pad] * (width - len(ids)) + list(ids) for ids in batch], dtype=np.int64)
         mask = np.asarray([[0] * (width - len(ids)) + [1] * len(ids) for ids in batch], dtype=np.int64)
@@ -81,8 +82,11 @@ class OrtEngine(Engine):
             # With the cache, only the tokens the graph has not seen yet are fed.
             logits, presents = self._step(fresh if cached else sequences, mask, past if cached else None)
             past = presents if cached else None
-            step = [None if done[i] else _pick(row, options, rng) for i, row in enumerate(logits)]
+            step = [None if done[i] else _pick(row, options, rng, seen[i]) for i, row in enumerate(logits)]
             done = [d or t in eos for d, t in zip(done, step)]
+            for row, token in zip(seen, step):
+                if token is not None:
+                    row.add(token)
             yield step
             if all(done):
                 return
@@ -109,8 +113,15 @@ class OrtEngine(Engine):
         return [np.zeros(shape, self._float) for _ in cache["inputs"]]
 
 
-def _pick(logits: np.ndarray, options: GenerateOptions, rng) -> int:
-    """Greedy argmax, or a draw from softmax(logits / temperature) over the top_k candidates."""
+def _pick(logits: np.ndarray, options: GenerateOptions, rng, seen: set[int] = frozenset()) -> int:
+    """Greedy argmax, or a draw from softmax(logits / temperature) over the top_k candidates and then
+    the nucleus of probability top_p; a repetition penalty first (on the tokens in ``seen``), as
+    transformers' logits processors order them."""
+    if options.repetition_penalty != 1.0 and seen:
+        logits = logits.copy()
+        index = np.fromiter(seen, dtype=np.int64, count=len(seen))
+        chosen = logits[index]
+        logits[index] = np.where(chosen < 0, chosen * options.repetition_penalty, chosen / options.repetition_penalty)
     if not options.do_sample:
         return int(np.argmax(logits))
     scores = logits.astype(np.float64) / options.temperature
@@ -120,4 +131,10 @@ def _pick(logits: np.ndarray, options: GenerateOptions, rng) -> int:
         scores = np.where(scores >= cutoff, scores, -np.inf)
     probs = np.exp(scores - scores.max())
     probs /= probs.sum()
+    if options.top_p < 1.0:
+        order = np.argsort(-probs, kind="stable")
+        before = np.cumsum(probs[order]) - probs[order]  # the mass of the better candidates
+        drop = order[before >= options.top_p]  # the best one always stays (before == 0)
+        probs[drop] = 0.0
+        probs /= probs.sum()
     return int(rng.choice(scores.size, p=probs))

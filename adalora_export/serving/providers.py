@@ -1,38 +1,16 @@
-"""Where a session runs: the providers a caller may ask for, whether CUDA really loads, and opening a
+"""Where a session runs: the providers a caller may ask for, whether CUDA really loads (``devices``), and opening a
 session (quietly: onnxruntime's warnings about initializers among graph inputs are noise here)."""
 
 from __future__ import annotations
 
-import ctypes
 import os
 from pathlib import Path
 
+from ..devices import cuda_usable  # re-exported: the runtime's callers ask here
 from ..errors import UserError
 
 PROVIDERS = ("auto", "cuda", "cpu")
 _QUIET = 3  # onnxruntime log severity: errors only (no "initializer in graph inputs" warnings)
-
-
-def cuda_usable() -> bool:
-    """True when onnxruntime's CUDA provider would really load: a GPU, its driver and the CUDA libraries.
-
-    Checked quietly with the dynamic loader: onnxruntime-gpu itself logs errors when it tries and fails.
-    """
-    import onnxruntime as ort
-
-    if "CUDAExecutionProvider" not in ort.get_available_providers():
-        return False
-    try:
-        driver = ctypes.CDLL("libcuda.so.1")
-        count = ctypes.c_int(0)
-        if driver.cuInit(0) != 0 or driver.cuDeviceGetCount(ctypes.byref(count)) != 0 or count.value < 1:
-            return False
-        capi = Path(ort.__file__).parent / "capi"
-        ctypes.CDLL(str(capi / "libonnxruntime_providers_shared.so"), mode=ctypes.RTLD_GLOBAL)
-        ctypes.CDLL(str(capi / "libonnxruntime_providers_cuda.so"))
-    except (OSError, AttributeError):
-        return False
-    return True
 
 
 def create_session(model_path: str | os.PathLike, provider: str = "auto", threads: int | None = None):

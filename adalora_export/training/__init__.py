@@ -11,7 +11,23 @@ loop.py         train(): the loop, top to bottom
 hf_trainer.py   the same AdaLoRA step inside transformers.Trainer (import it directly)
 """
 
-from .args import TrainArgs
-from .loop import TrainResult, train
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .args import TrainArgs
+    from .loop import TrainResult, train
 
 __all__ = ["TrainArgs", "TrainResult", "train"]
+_HOMES = {"TrainArgs": "args", "TrainResult": "loop", "train": "loop"}
+
+
+def __getattr__(name: str):
+    # Imported on first use (PEP 562): the command line reads TrainArgs without loading torch.
+    if name not in _HOMES:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{_HOMES[name]}", __name__), name)
+    globals()[name] = value
+    return value

@@ -20,9 +20,17 @@ from ..config import BEYOND_PAPER, BUDGET_UNITS, PRESETS, SEED_PARAMETERS, TRAIN
 from ..errors import UserError
 from ..hf import CAUSAL_LM, SEQ_CLS
 from ..io import read_json
-from ..model import parse_target_modules
 
 RUN_ARGS = "run_args.json"
+
+
+def _parse_target_modules(value: str) -> list[str] | str:
+    """``model.parse_target_modules``, imported when a value is parsed (model loads torch; --help does not)."""
+    from ..model import parse_target_modules
+
+    return parse_target_modules(value)
+
+
 TRAIN_TASKS = (CAUSAL_LM, SEQ_CLS)
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 RESUME_MAY_CHANGE = {"save_steps", "eval_steps", "keep_checkpoints", "validation"}
@@ -58,7 +66,7 @@ class TrainArgs:
     target_modules: list[str] | str | None = option(
         None,
         "Comma-separated module names, or 're:REGEX' over full paths (default: the family's).",
-        parse=parse_target_modules,
+        parse=_parse_target_modules,
     )
     epochs: int | None = option(None, "Passes over the data (default 1).")
     max_steps: int | None = option(None, "Optimizer steps (instead of --epochs).")
@@ -97,7 +105,8 @@ class TrainArgs:
     adalora_beta2: float = adalora_option("beta2", "EMA factor of uncertainty.")
     adalora_orth_reg_weight: float = adalora_option("orth_reg_weight", "Orthogonal term weight.")
     adalora_final_orth_reg_weight: float | None = adalora_option(
-        "final_orth_reg_weight", "Orthogonal weight once ranks are frozen (default: same)."
+        "final_orth_reg_weight",
+        "Orthogonal weight once ranks are frozen (default: the preset's: recommended 0, paper the same weight).",
     )
     adalora_budget_unit: str | None = option(
         None,

@@ -94,9 +94,19 @@ def read_records(path: str | os.PathLike) -> list[tuple[int, dict]]:
 
 
 def detect_task(path: str | os.PathLike) -> str | None:
-    """seq_cls when the file's first record has a ``label``; None (ask the model) otherwise."""
-    _, first = read_records(path)[0]
-    return SEQ_CLS if "label" in first else None
+    """seq_cls when every record has a ``label``; None (ask the model) when none has. A file that mixes
+    the two is a UserError naming a line of each kind: training on half of it would be silently wrong."""
+    records = read_records(path)
+    labelled = [number for number, record in records if "label" in record]
+    if not labelled:
+        return None
+    if len(labelled) == len(records):
+        return SEQ_CLS
+    unlabelled = next(number for number, record in records if "label" not in record)
+    raise UserError(
+        f"{path} mixes labelled records (line {labelled[0]}) with unlabelled ones (line {unlabelled}): "
+        "give every record a 'label' (classification) or none (language modelling)"
+    )
 
 
 def _string(record: dict, key: str, where: str, allow_empty: bool = False) -> str:
@@ -133,6 +143,8 @@ def _render_messages(messages: Any, tokenizer, where: str) -> tuple[str, str]:
             raise UserError(f"{where}: messages[{i}] must be an object with string 'role' and 'content'")
     if messages[-1]["role"] != "assistant":
         raise UserError(f"{where}: the last message must come from the assistant (it is what the model learns)")
+    if len(messages) == 1:
+        raise UserError(f"{where}: 'messages' holds only the assistant's answer; add the turn it answers")
     if getattr(tokenizer, "chat_template", None):
         full = tokenizer.apply_chat_template(messages, tokenize=False)
         prompt = tokenizer.apply_chat_template(messages[:-1], tokenize=False, add_generation_prompt=True)

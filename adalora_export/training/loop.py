@@ -41,6 +41,7 @@ from .run_dir import (
     non_finite_error,
     prepare_run_dir,
     read_metrics,
+    run_inputs,
     step_record,
     write_outputs,
 )
@@ -64,12 +65,17 @@ class TrainResult:
     files: list[Path] = field(default_factory=list)
     size: str = ""  # the final adapter's parameters next to LoRA at each uniform rank
     is_main: bool = True  # False on the other ranks of a torchrun job
+    start_step: int = 0  # the step a resumed run continued from (0: a fresh run)
 
     def summary(self) -> str:
         """A few lines for the terminal: losses, evaluation, ranks, files."""
+        ran = self.total_step - self.start_step
+        what = f"trained {ran} steps in {self.wall_time:.1f}s"
+        if self.start_step:  # a resumed run: this process ran the steps after the checkpoint
+            steps = f"{self.start_step + 1}-{self.total_step}"
+            what = f"resumed at step {self.start_step}: trained steps {steps} in {self.wall_time:.1f}s"
         lines = [
-            f"trained {self.total_step} steps in {self.wall_time:.1f}s; loss {self.loss_start:.4f} -> "
-            f"{self.loss_end:.4f} (mean of the first and last 10% of steps)"
+            f"{what}; loss {self.loss_start:.4f} -> {self.loss_end:.4f} (mean of the first and last 10% of all steps)"
         ]
         for key in sorted(set(self.eval_start) | set(self.eval_end)):
             lines.append(
@@ -108,7 +114,7 @@ def train(
     run_dir = Path(output).absolute()
     args = resolve_args(run_dir, model, data, options, resume)
     args.check()
-    check_run_dir(run_dir, resume=resume, overwrite=overwrite)
+    check_run_dir(run_dir, resume=resume, overwrite=overwrite, inputs=run_inputs(args))
     dist = Distributed.start()
     try:
         check_world_size(run_dir, dist.world_size, resume)
@@ -141,6 +147,7 @@ def train(
             files=files,
             size=size,
             is_main=dist.is_main,
+            start_step=run.start_step,
         )
     finally:
         dist.close()
@@ -187,7 +194,8 @@ def run_steps(run: Run, args: TrainArgs, dist: Distributed, run_dir: Path, progr
                 eval_end = evaluate_now()
                 record.update(eval_end)
             log.write(record)
-            bar.set_postfix(loss=f"{result.loss:.4f}", budget=result.allocation.budget, kept=result.allocation.kept)
+            alloc = result.allocation
+            bar.set_postfix(loss=f"{result.loss:.4f}", budget=f"{alloc.budget:,}", kept=f"{alloc.kept:,}")
             bar.update(1)
             if args.save_steps and (last or step % args.save_steps == 0):
                 save_run_checkpoint(run, args, dist, run_dir, step)

@@ -20,7 +20,7 @@ from ..allocator import RankAllocator
 from ..config import AdaLoraConfig
 from ..errors import UserError
 from ..formats.state import latest_checkpoint
-from ..hf import CAUSAL_LM, SEQ_CLS, check_model_dir, infer_task, load_pretrained
+from ..hf import CAUSAL_LM, SEQ_CLS, check_model_dir, infer_task, load_pretrained, load_tokenizer
 from ..layer import is_adapter_parameter
 from ..model import inject_adapters
 from .args import TrainArgs
@@ -105,15 +105,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-
-
-def load_tokenizer(model_dir: str):
-    from transformers import AutoTokenizer
-
-    try:
-        return AutoTokenizer.from_pretrained(model_dir, local_files_only=True, trust_remote_code=False)
-    except (OSError, ValueError, TypeError) as exc:
-        raise UserError(f"cannot load a tokenizer from {model_dir}: {str(exc).splitlines()[0]}") from None
 
 
 def pad_token_id(tokenizer, task: str, model_dir: str) -> int:

@@ -29,7 +29,14 @@ from ..errors import UserError
 from ..formats.peft import save_adapter
 from ..formats.state import latest_checkpoint
 from ..hf import SEQ_CLS
-from ..io import atomic_output_dir, atomic_output_file, check_output_path, read_json, write_json
+from ..io import (
+    atomic_output_dir,
+    atomic_output_file,
+    check_output_path,
+    check_output_spares_inputs,
+    read_json,
+    write_json,
+)
 from ..layer import is_adapter_parameter
 from ..model import strip_wrapper_prefix
 from ..report import plot_rank_heatmap
@@ -40,8 +47,15 @@ from .step import NonFiniteStep, StepResult
 METRICS = "metrics.jsonl"
 
 
-def check_run_dir(run_dir: Path, *, resume: bool, overwrite: bool) -> None:
-    """A new run needs a free (or --overwrite) and creatable directory; --resume needs the run."""
+def run_inputs(args: TrainArgs) -> dict[str, str | None]:
+    """What a run reads (what each is -> its path), which its run directory may not be, contain or replace part of."""
+    return {"the base model": args.model, "the training data": args.data, "the validation data": args.validation}
+
+
+def check_run_dir(run_dir: Path, *, resume: bool, overwrite: bool, inputs: dict | None = None) -> None:
+    """A new run needs a free (or --overwrite) and creatable directory; --resume needs the run (the one
+    input that is also the output); either way the run directory spares the run's other ``inputs``."""
+    check_output_spares_inputs(run_dir, inputs or {})
     if resume:
         return
     if run_dir.exists() and not overwrite:
@@ -64,8 +78,8 @@ def prepare_run_dir(run_dir: Path, args: TrainArgs, world_size: int, resume: boo
         tmp.write_text("".join(json.dumps(r) + "\n" for r in keep), encoding="utf-8")
         os.replace(tmp, run_dir / METRICS)
         return
-    run_dir.parent.mkdir(parents=True, exist_ok=True)
-    # Atomic: a kill leaves the old run (with --overwrite) or a new one that --resume continues, never half of either.
+    # Atomic: a kill leaves the old run (with --overwrite) or a new one that --resume continues, never half of
+    # either; missing parent directories are created here, past every check.
     with atomic_output_dir(run_dir, overwrite=overwrite) as tmp:
         write_json(tmp / RUN_ARGS, {**dataclasses.asdict(args), "world_size": world_size})
 
@@ -103,10 +117,12 @@ def step_record(step: int, per_epoch: int, lr: float, result: StepResult, starte
         "epoch": round(step / per_epoch, 4),
         "loss": result.loss,
         "orth": result.orth,
+        "orth_weight": result.orth_weight,
         "lr": lr,
         "grad_norm": result.grad_norm,
         "budget": alloc.budget,
         "kept": alloc.kept,
+        "kept_triplets": alloc.kept_triplets,
         "masked": alloc.masked,
         "final": alloc.final,
         "items": result.items,

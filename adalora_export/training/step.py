@@ -95,6 +95,7 @@ class NonFiniteStep(UserError):
 class StepResult:
     loss: float  # the task loss of the global batch (mean per item)
     orth: float  # the orthogonal term R
+    orth_weight: float  # its weight in this step's loss (the preset may change it once ranks are frozen)
     grad_norm: float  # before clipping
     items: int  # loss items of the global batch
     allocation: Allocation
@@ -142,7 +143,8 @@ class Stepper:
                 if i == 0:  # the orthogonal term enters each optimizer step once (fp32, outside autocast)
                     with torch.autocast(self.device.type, enabled=False):
                         orth = orthogonal_regularizer(self.net)
-                    loss = loss + self.allocator.orth_reg_weight * orth
+                    orth_weight = self.allocator.orth_reg_weight
+                    loss = loss + orth_weight * orth
                 (self.scaler.scale(loss) if self.scaler else loss).backward()
             loss_sum += task_sum.detach().float()
         step_loss = (self.dist.sum(loss_sum) / items.clamp(min=1)).item()
@@ -160,7 +162,7 @@ class Stepper:
         if allocation.final and not was_final:
             self._wrap()
         self.optimizer.zero_grad(set_to_none=True)
-        return StepResult(step_loss, float(orth.detach()), grad_norm, int(items), allocation)
+        return StepResult(step_loss, float(orth.detach()), orth_weight, grad_norm, int(items), allocation)
 
     def _optimizer_step(self) -> None:
         if self.scaler is None:

@@ -83,9 +83,7 @@ def merge_into_base(
         raise UserError(f"--workers must be >= 1, got {workers}")
     base_dir, output = Path(base_dir), Path(output)
     config = check_model_dir(base_dir)
-    if output.absolute().resolve() == base_dir.absolute().resolve():
-        raise UserError(f"the output {output} is the base directory; choose another")
-    check_output_path(output, overwrite)
+    check_output_path(output, overwrite, inputs={"the base model": base_dir})
     adapter.check_head(config, str(base_dir))
     base_weights = open_base_weights(base_dir, allow_pickle)
     plan = make_plan(adapter, base_weights, tied_weights(base_dir, config))

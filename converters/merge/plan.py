@@ -134,9 +134,18 @@ class _Planner:
         return Placement(found, names[found], names[found], False)
 
     def build(self) -> Plan:
-        modules = {path: self.place(path + ".weight", f"adapter module {path}") for path in self.adapter.modules}
+        modules, missing = {}, None
+        for path in self.adapter.modules:
+            try:
+                modules[path] = self.place(path + ".weight", f"adapter module {path}")
+            except UserError as error:
+                missing = missing or error
         extras = {name: self._place_extra(name) for name in self.adapter.extra_weights}
+        # Shapes first: a base of another size fails on its first layer's shape, as the other exporters
+        # report it, not on a layer it lacks further down.
         self._check_fits(modules, extras)
+        if missing is not None:
+            raise missing
         for path, placed in modules.items():
             self._add_merge(path, placed)
         for name, placed in extras.items():

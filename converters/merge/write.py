@@ -31,6 +31,15 @@ from .plan import Item, Merge, Plan, Put, nbytes
 
 # Files of these kinds are weights (of some format) and are never copied into the merged directory.
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".onnx", ".onnx_data")
+# Subfolders holding the base in another format (exports of the unmerged weights): never copied.
+EXPORT_FOLDERS = ("onnx", "openvino", "coreml", "tflite", "gguf")
+# A byte bar in KiB / MiB / GiB, the summary's units (tqdm's own "B" with divisor 1024 would print M and G).
+BINARY_BYTES = dict(
+    unit="iB",
+    unit_scale=True,
+    unit_divisor=1024,
+    bar_format="{l_bar}{bar}| {n_fmt}iB/{total_fmt}iB [{elapsed}<{remaining}, {rate_fmt}]",
+)
 BLOCK_ELEMENTS = 1 << 18  # elements per merge block: 1 MB of fp32, which stays in a core's cache
 COPY_CHUNK = 64 << 20  # bytes per kernel copy call (the progress bar's granularity)
 
@@ -260,7 +269,7 @@ def write_shards(base_weights: BaseWeights, plan: Plan, out_dir: Path, workers: 
             header = _header(items, base_weights.file_metadata[file])
             total = len(header) + sum(nbytes(item) for item in items)
             fd = os.open(out_dir / name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-            with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=f"merge {name}") as bar:
+            with tqdm(total=total, desc=f"merge {name}", **BINARY_BYTES) as bar:
                 bar.update(_pwrite(fd, memoryview(header), 0))
                 base.prepare(items)
                 futures = [pool.submit(_run, t, base, fd, stop, local) for t in _tasks(base, items, len(header))]
@@ -287,9 +296,17 @@ def write_shards(base_weights: BaseWeights, plan: Plan, out_dir: Path, workers: 
 
 
 def copy_small_files(base_dir: Path, out_dir: Path, config: dict) -> None:
-    """Copy generation config, tokenizer and other non-weight files; write ``config`` as config.json."""
+    """Copy generation config, tokenizer and other non-weight files; write ``config`` as config.json.
+
+    Subfolders go along whole (sentence-transformers keeps its pipeline there: ``1_Pooling/``,
+    ``2_Dense/``, which ``modules.json`` names), except other formats' copies of the base weights
+    (``EXPORT_FOLDERS``), which the merged weights would contradict.
+    """
     for path in sorted(base_dir.iterdir()):
         name = path.name
+        if path.is_dir() and not path.is_symlink() and not name.startswith(".") and name not in EXPORT_FOLDERS:
+            shutil.copytree(path, out_dir / name, symlinks=True)  # links stay links: nothing read from outside
+            continue
         if not path.is_file() or name.startswith(".") or name.endswith(WEIGHT_SUFFIXES) or name.endswith(".index.json"):
             continue
         if name == "config.json":

@@ -8,12 +8,22 @@ is ``adalora_export.serving``.
 
 from __future__ import annotations
 
-from adalora_export.formats.onnx_dir import ADAPTER_FILE, MANIFEST, MODEL_FILE, OnnxKind
+from adalora_export.formats.onnx_dir import (
+    ADAPTER_FILE,
+    DTYPES,
+    MANIFEST,
+    MAX_OPSET,
+    MIN_OPSET,
+    MODEL_FILE,
+    OPTIMIZED_DTYPES,
+    TARGETS,
+    OnnxKind,
+)
 
 from .adapter_file import write_onnx_adapter
-from .export import DEFAULT_TOLERANCE, DTYPES, export_onnx
-from .graph import DEFAULT_OPSET, MAX_OPSET, MIN_OPSET
-from .optimized import OPTIMIZED_DTYPES, TARGETS, export_optimized
+from .export import DEFAULT_TOLERANCE, export_onnx
+from .graph import DEFAULT_OPSET
+from .optimized import export_optimized
 
 __all__ = [
     "ADAPTER_FILE",

@@ -14,7 +14,7 @@ import numpy as np
 from adalora_export.adapter import CompactAdapter
 from adalora_export.errors import UserError
 from adalora_export.formats.onnx_dir import open_onnx_dir, takes_adapters
-from adalora_export.io import atomic_output_file
+from adalora_export.io import atomic_output_file, check_output_path
 
 from .branches import branch_weights
 
@@ -27,6 +27,7 @@ def write_onnx_adapter(
     Any AdaLoRA adapter for the same base fits, whatever its ranks, as long as its modules are
     among the graph's adapted layers (a layer the adapter leaves out, or at rank 0, stays the base).
     """
+    check_output_path(output, overwrite, inputs={"the graph directory": onnx_dir})
     _, manifest = open_onnx_dir(onnx_dir)
     if not takes_adapters(manifest):
         raise UserError(f"{onnx_dir} was exported without --adapter-inputs; adapters cannot be swapped into it")

@@ -32,8 +32,11 @@ from adalora_export.adapter import CompactAdapter, model_shapes
 from adalora_export.errors import UserError
 from adalora_export.formats.onnx_dir import (
     ADAPTER_FILE,
+    DTYPES,
     GENAI_CONFIG,
     MANIFEST,
+    MAX_OPSET,
+    MIN_OPSET,
     Manifest,
     OnnxKind,
     copy_tokenizer_files,
@@ -47,8 +50,6 @@ from .adapter_file import write_adapter_file
 from .branches import PreparedGraph, prepare_model
 from .graph import (
     DEFAULT_OPSET,
-    MAX_OPSET,
-    MIN_OPSET,
     GraphSpec,
     GraphWrapper,
     base_weights,
@@ -61,7 +62,6 @@ from .graph import (
 )
 from .parity import check_parity, check_tolerance, parity_samples, torch_reference
 
-DTYPES = ("fp32", "fp16")
 # Largest accepted max|onnx - torch| / max|torch| over unpadded positions. fp16 rounds every
 # weight and activation to 11 significant bits against an fp32 reference. The fp16 trace lands in
 # onnxruntime-genai's fp16 class (optimized.py: 5e-3) on real-size models; 1e-2 leaves room for
@@ -114,7 +114,7 @@ def export_onnx(
     only with ``allow_pickle``.
     """
     kind = _check_options(kind, dtype, opset, tolerance)
-    output = check_output_path(output, overwrite)
+    output = check_output_path(output, overwrite, inputs={"the base model": base_dir})
     base_dir = Path(base_dir)
     settings = _settings(adapter, base_dir, kind, dtype, opset, with_past, tolerance)
 
@@ -320,6 +320,7 @@ def _manifest(
         extra_inputs={n: list(t.shape) for n, t in base_extras.items()} if adapter_inputs else {},
         eos_token_ids=eos_token_ids(model),
         labels={str(k): v for k, v in (model.config.id2label or {}).items()} if settings.task == SEQ_CLS else {},
+        head_in_base=infer_task(check_model_dir(base_dir)) == SEQ_CLS if settings.task == SEQ_CLS else None,
         max_length=adapter.task_info.max_length,
         pad_token_id=model.config.pad_token_id,
         inputs=inputs,

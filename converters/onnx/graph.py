@@ -34,8 +34,7 @@ from adalora_export.formats.onnx_dir import DATA_FILE, MODEL_FILE
 from adalora_export.hf import CAUSAL_LM, ENCODER, SEQ_CLS
 from adalora_export.io import disk_full, disk_full_message
 
-DEFAULT_OPSET = 17
-MIN_OPSET, MAX_OPSET = 14, 20
+DEFAULT_OPSET = 17  # the accepted range is the directory's (formats.onnx_dir: MIN_OPSET, MAX_OPSET)
 
 
 @dataclass
@@ -172,10 +171,12 @@ def base_weights(model: nn.Module, exclude: set[str]) -> dict[str, torch.Tensor]
 def externalize_weights(model: onnx.ModelProto, weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Turn the traced weight inputs into tensors to be written beside the graph; return name -> tensor.
 
-    A 2-D weight read through a Transpose (a Linear's MatMul) is kept transposed under that node's
-    output and the node is dropped, which is the folding the exporter does for embedded weights;
-    any other computation on a weight stays in the graph for onnxruntime to fold when it loads.
-    Unused weights are dropped.
+    A 2-D weight read only through one Transpose (a Linear's MatMul) is kept transposed under that
+    node's output and the node is dropped, which is the folding the exporter does for embedded
+    weights. A weight read otherwise too, such as a tied output head's (the embedding's Gather and the
+    head's Transpose), is stored once as it is: its Transpose stays in the graph, for onnxruntime to
+    fold when it loads (folding it here would store the weight twice). Any other computation on a
+    weight stays in the graph as well. Unused weights are dropped.
     """
     graph = model.graph
     users: dict[str, list[onnx.NodeProto]] = {}
@@ -186,13 +187,12 @@ def externalize_weights(model: onnx.ModelProto, weights: dict[str, torch.Tensor]
     external: dict[str, torch.Tensor] = {}
     folded: set[str] = set()
     for name, tensor in weights.items():
-        for node in users.get(name, []):
-            perm = next((list(a.ints) for a in node.attribute if a.name == "perm"), None)
-            if node.op_type == "Transpose" and tensor.dim() == 2 and perm in (None, [1, 0]):
-                external[node.output[0]] = tensor.t()
-                folded.add(node.output[0])
-            else:
-                external[name] = tensor
+        readers = users.get(name, [])
+        if len(readers) == 1 and _transposes(readers[0], tensor):
+            external[readers[0].output[0]] = tensor.t()
+            folded.add(readers[0].output[0])
+        elif readers:
+            external[name] = tensor
     kept = [n for n in graph.node if not (n.op_type == "Transpose" and n.output[0] in folded)]
     del graph.node[:]
     graph.node.extend(kept)
@@ -200,6 +200,12 @@ def externalize_weights(model: onnx.ModelProto, weights: dict[str, torch.Tensor]
     del graph.input[:]
     graph.input.extend(inputs)
     return external
+
+
+def _transposes(node: onnx.NodeProto, tensor: torch.Tensor) -> bool:
+    """Whether ``node`` transposes the 2-D ``tensor`` (what a Linear's MatMul reads)."""
+    perm = next((list(a.ints) for a in node.attribute if a.name == "perm"), None)
+    return node.op_type == "Transpose" and tensor.dim() == 2 and perm in (None, [1, 0])
 
 
 def trace_to_onnx(

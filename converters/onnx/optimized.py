@@ -22,6 +22,7 @@ packed back into one projection, as its merged graph has them.
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 import subprocess
@@ -42,12 +43,14 @@ from adalora_export.formats.onnx_dir import (
     GENAI_CONFIG,
     MANIFEST,
     MODEL_FILE,
+    OPTIMIZED_DTYPES,
+    TARGETS,
     Manifest,
     OnnxKind,
     import_onnxruntime_genai,
 )
 from adalora_export.hf import CAUSAL_LM, check_model_dir, eos_token_ids, load_pretrained
-from adalora_export.io import atomic_output_dir, check_output_path, write_json
+from adalora_export.io import atomic_output_dir, check_output_path, output_parents, write_json
 
 from ..lora import export_lora
 from ..merge import merge_into_base
@@ -68,8 +71,6 @@ BUILDER_ARCHITECTURES = (
     "OlmoForCausalLM",
     "SmolLM3ForCausalLM",
 )
-OPTIMIZED_DTYPES = ("fp32", "fp16", "int4")
-TARGETS = ("cpu", "cuda")
 # Largest relative logit error (to the largest reference logit) against torch fp32: fp32 is the same
 # arithmetic reordered; fp16 the builder's accuracy class; int4 rounds every weight to 16 levels per block.
 OPTIMIZED_TOLERANCE = {"fp32": 1e-4, "fp16": 5e-3, "int4": 0.25}
@@ -94,13 +95,15 @@ def export_optimized(
     returns the manifest."""
     base_dir = Path(base_dir)
     config = _check_options(adapter, base_dir, dtype, target, tolerance, adapter_inputs)
-    output = check_output_path(output, overwrite)
+    output = check_output_path(output, overwrite, inputs={"the base model": base_dir})
     tolerance = OPTIMIZED_TOLERANCE[dtype] if tolerance is None else tolerance
     manifest = _manifest(adapter, config, base_dir, dtype, target, adapter_inputs)
     stages = tqdm(total=4, desc=f"ONNX export (optimized, {dtype})", unit="stage")
     # Named like an atomic output's temporary, so a later export of the same name clears it after a kill.
-    scratch = tempfile.TemporaryDirectory(prefix=f".{output.name}.tmp-{os.getpid()}-", dir=output.absolute().parent)
-    with stages, scratch as work:
+    scratch = functools.partial(
+        tempfile.TemporaryDirectory, prefix=f".{output.name}.tmp-{os.getpid()}-", dir=output.absolute().parent
+    )
+    with output_parents(output), stages, scratch() as work:
         work = Path(work)
         stages.set_postfix_str("merging" if not adapter_inputs else "LoRA branches")
         source, lora = _builder_source(adapter, base_dir, work, adapter_inputs, allow_pickle)

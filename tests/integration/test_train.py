@@ -106,7 +106,9 @@ def test_resume_from_a_checkpoint_ends_identical(tmp_path, reference, step):
     (stopped / "metrics.jsonl").write_text("\n".join(metrics[: step + 3]) + "\n")  # with records past the checkpoint
     state = load_checkpoint(stopped / f"checkpoint-{step}").adapter
     assert (state.frozen_mask is not None) == (step > 8)
-    train(stopped, resume=True, progress=False)
+    result = train(stopped, resume=True, progress=False)
+    # Issue 23: the summary said "trained 12 steps" where this process ran the steps after the checkpoint.
+    assert result.summary().startswith(f"resumed at step {step}: trained steps {step + 1}-12 in ")
     assert dir_bytes(stopped / "adapter") == dir_bytes(out / "adapter")
     assert metrics_without_times(stopped) == metrics_without_times(out)
 
@@ -256,9 +258,23 @@ def test_recommended_preset_sets_the_schedule_from_the_run_length(tmp_path, llam
     assert records[0]["budget"] == records[1]["budget"] > records[2]["budget"]  # the budget falls after tinit
     config = read_state_dir(out / "final").config
     assert config.final_orth_reg_weight == 0.0  # no orthogonal term once frozen
+    adapter = load_adapter(out / "adapter")
     assert config.budget_unit == "params" and records[-1]["budget"] == sum(  # LoRA's size at target_r
-        config.target_r * (m.in_features + m.out_features) for m in load_adapter(out / "adapter").modules.values()
+        config.target_r * (m.in_features + m.out_features) for m in adapter.modules.values()
     )
+    # Issue 23: "kept" counted parameters until the first mask and triplets after it. Now it is always in
+    # the budget's unit (it compares with "budget"), and kept_triplets counts the triplets.
+    assert records[0]["kept"] == records[0]["budget"] and records[0]["kept_triplets"] == config.init_r * len(
+        adapter.modules
+    )
+    assert all(r["kept"] <= r["budget"] for r in records if r["masked"] or r["final"])
+    assert (
+        records[-1]["kept"] == adapter.num_parameters()
+        and records[-1]["kept_triplets"] == adapter.summary()["total_rank"]
+    )
+    # the weight in force: the paper's until the step that freezes the ranks, none after it
+    assert {r["orth_weight"] for r in records if r["step"] > frozen[0]} == {0.0}
+    assert {r["orth_weight"] for r in records if r["step"] <= frozen[0]} == {0.5}
 
 
 def test_explicit_flags_win_over_the_preset(tmp_path, llama_base, train_data, run):
@@ -287,3 +303,10 @@ def test_head_lr_trains_a_fresh_head_at_its_own_rate(tmp_path, bert_base):
         torch.testing.assert_close(with_head.modules[path].B, module.B, atol=1e-6, rtol=0)
     with pytest.raises(UserError, match="--head_lr must be > 0"):
         train(tmp_path / "c", base, data, head_lr=0.0, **common)
+
+
+def test_help_says_what_the_final_orthogonal_weight_defaults_to(capsys):
+    """Issue 23: the help said "(default: same)" while the default preset sets 0."""
+    assert run_cli("train", "--help") == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert "Orthogonal weight once ranks are frozen (default: the preset's: recommended 0" in text

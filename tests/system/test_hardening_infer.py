@@ -121,6 +121,12 @@ def _(env, tmp):
     return Case(argv, None, [env.graph, tmp / "x.onnx_adapter"], ["graph", "--adapter-inputs"])
 
 
+@MATRIX.case("infer/an-adapter-directory")
+def _(env, tmp):
+    # Issue 23: "missing file .../config.json" where the user handed an adapter instead of a graph.
+    return Case(infer_argv(env.adapter), None, [env.adapter], ["is an adapter directory", "not an exported ONNX"])
+
+
 @MATRIX.case("infer/prompt-and-text")
 def _(env, tmp):
     return Case(infer_argv(env.graph, "--text", "hi"), None, [env.graph], ["--prompt", "--text"])

@@ -83,10 +83,10 @@ def _(env, tmp):
     return Case(argv, None, [env.adapter, tmp / "file"], ["cannot write", "file"])
 
 
-@MATRIX.case("prune/output-parent-missing")
-def _(env, tmp):
-    argv = ["prune", env.adapter, "--output", tmp / "no" / "such" / "out"]
-    return Case(argv, tmp / "no", [env.adapter], ["cannot write", "does not exist"])
+@MATRIX.case("prune/refused-with-output-parent-missing")
+def _(env, tmp):  # missing parents are created only past every check: a refused prune leaves none
+    argv = ["prune", tmp / "nope", "--output", tmp / "no" / "such" / "out"]
+    return Case(argv, tmp / "no", [], ["nope", "does not exist"])
 
 
 @MATRIX.case("prune/out-of-disk")

@@ -106,6 +106,44 @@ def _(env, tmp):
     return Case(argv, tmp / "run", [env.base, tmp / "keys.jsonl"], ["keys.jsonl:1", "text"])
 
 
+@MATRIX.case("train/data-mixes-labelled-and-unlabelled-records")
+def _(env, tmp):
+    # Issue 23: the task came from the first record alone, and a causal LM trained on the rest silently.
+    (tmp / "mixed.jsonl").write_text('{"text": "the cat"}\n{"text": "a dog", "label": "b"}\n{"text": "sat"}\n')
+    argv = train_argv(env, tmp / "run", data=tmp / "mixed.jsonl")
+    return Case(argv, tmp / "run", [env.base, tmp / "mixed.jsonl"], ["mixed.jsonl", "line 2", "line 1"])
+
+
+@MATRIX.case("train/data-chat-record-with-only-the-answer")
+def _(env, tmp):
+    # Issue 23: "Cannot apply chat template to an empty conversation" came out as a traceback.
+    rows = [{"messages": [{"role": "user", "content": "the cat"}, {"role": "assistant", "content": "sat"}]}]
+    rows.append({"messages": [{"role": "assistant", "content": "the dog ran"}]})
+    (tmp / "chat.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    argv = train_argv(env, tmp / "run", data=tmp / "chat.jsonl")
+    return Case(argv, tmp / "run", [env.base, tmp / "chat.jsonl"], ["chat.jsonl:2", "only the assistant"])
+
+
+@MATRIX.case("train/model-without-tokenizer-files")
+def _(env, tmp):
+    # Issue 23: transformers built an empty 5-token tokenizer and training ran on [UNK]s, exit 0.
+    base = base_copy(env, tmp)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        (base / name).unlink(missing_ok=True)
+    argv = train_argv(env, tmp / "run", model=base)
+    return Case(argv, tmp / "run", [base, env.data], ["has no tokenizer"])
+
+
+@MATRIX.case("train/model-with-another-models-tokenizer")
+def _(env, tmp):
+    base = base_copy(env, tmp)
+    config = json.loads((base / "config.json").read_text())
+    config["vocab_size"] = 30522  # a BERT-size vocabulary beside a 20-word tokenizer
+    (base / "config.json").write_text(json.dumps(config))
+    argv = train_argv(env, tmp / "run", model=base)
+    return Case(argv, tmp / "run", [base, env.data], ["tokens", "30522", "not this model's tokenizer"])
+
+
 @MATRIX.case("train/target-names-match-nothing")
 def _(env, tmp):
     argv = train_argv(env, tmp / "run", "--target_modules", "qq_proj,vv_proj")
