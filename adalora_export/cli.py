@@ -46,6 +46,9 @@ def _train_options(func):
     for f in reversed(dataclasses.fields(TrainArgs)):
         meta = f.metadata
         kind = click.Choice(meta["choices"]) if meta["choices"] else click.Path() if meta["path"] else types[f.name]
+        if kind is bool:  # a switch: --fsdp
+            func = _option(f.name, is_flag=True, default=f.default, help=meta["help"])(func)
+            continue
         func = _option(
             f.name,
             type=kind,

@@ -5,6 +5,7 @@ data.py         reading, tokenizing and batching the data files
 prepare.py      what a run builds before its first step (tokenizer, data, adapted model, AdamW)
 step.py         one optimizer step (Stepper), the loss, evaluation
 distributed.py  torchrun: ranks and collectives
+fsdp.py         --fsdp: FSDP2 on the frozen base, the trained parameters whole
 checkpoint.py   checkpoints that resume exactly
 run_dir.py      the run directory: policy, metrics, final outputs
 loop.py         train(): the loop, top to bottom

@@ -88,6 +88,11 @@ class TrainArgs:
     save_steps: int = option(500, "Checkpoint every N steps and at the end (0: none).")
     eval_steps: int | None = option(None, "Evaluate every N steps (default: before and after).")
     keep_checkpoints: int = option(3, "Checkpoints kept (0: all).")
+    fsdp: bool = option(
+        False,
+        "Under torchrun: shard the frozen base with FSDP2 over the ranks (models larger than one GPU); the adapters "
+        "and a fresh head stay whole on every rank.",
+    )
     precision: str = option(
         "auto", "Autocast on GPUs (auto: bf16 where supported, else fp16); the CPU trains in fp32.", choices=PRECISIONS
     )
@@ -166,7 +171,7 @@ def option_types() -> dict[str, type]:
     plain = {}
     for name, hint in hints.items():
         kinds = [k for k in typing.get_args(hint) if k is not type(None)] or [hint]
-        plain[name] = next((k for k in kinds if k in (int, float)), str)
+        plain[name] = next((k for k in kinds if k in (bool, int, float)), str)
     return plain
 
 

@@ -26,6 +26,7 @@ class Distributed:
     world_size: int = 1
     local_rank: int = 0
     owns_group: bool = False  # started the process group here (so ends it), rather than found it running
+    fsdp: bool = False  # the base is sharded with FSDP2 (``fsdp.py``); the trained parameters are whole
 
     @classmethod
     def start(cls) -> Distributed:
@@ -52,16 +53,19 @@ class Distributed:
         return torch.device(f"cuda:{self.local_rank}") if torch.cuda.is_available() else torch.device("cpu")
 
     def wrap(self, model: nn.Module, device: torch.device) -> nn.Module:
-        """DistributedDataParallel over the current parameters (call again after they are replaced)."""
-        if self.world_size == 1:
+        """DistributedDataParallel over the current parameters (call again after they are replaced).
+
+        Under FSDP the model is already sharded in place (``fsdp.shard_model``) and is returned as it is."""
+        if self.world_size == 1 or self.fsdp:
             return model
         from torch.nn.parallel import DistributedDataParallel
 
         return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
     def no_sync(self, model: nn.Module, skip: bool):
-        """DDP's no_sync for the micro-batches before the last one of a step."""
-        return model.no_sync() if skip and self.world_size > 1 else contextlib.nullcontext()
+        """DDP's no_sync for the micro-batches before the last one of a step (FSDP: the base is frozen, so it
+        reduces no gradient; ``fsdp.average_gradients`` reduces the whole parameters' once per step)."""
+        return model.no_sync() if skip and self.world_size > 1 and not self.fsdp else contextlib.nullcontext()
 
     def sum(self, tensor: torch.Tensor) -> torch.Tensor:
         if self.world_size == 1:

@@ -49,6 +49,10 @@ class AdaLoraCallback(TrainerCallback):
         self.last: Allocation | None = None
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
+        if getattr(args, "fsdp", None):  # TrainingArguments.fsdp: [] when unset
+            raise UserError(
+                "AdaLoraTrainer does not run under FSDP; use `torchrun --nproc_per_node N cli.py train ... --fsdp`"
+            )
         if args.world_size > 1:
             raise UserError(
                 "AdaLoRA's final shrink replaces parameters under DistributedDataParallel; "

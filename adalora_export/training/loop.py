@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from ..errors import UserError
 from ..model import adapted_layers
 from ..report import lora_comparison
 from .args import TrainArgs, resolve_args
@@ -118,6 +119,7 @@ def train(
     dist = Distributed.start()
     try:
         check_world_size(run_dir, dist.world_size, resume)
+        dist.fsdp = check_fsdp(args, dist.world_size)
         run = prepare_run(args, run_dir, dist, resume)
         # Only now, with every input checked, does anything get written.
         if dist.is_main:
@@ -224,6 +226,16 @@ def save_run_checkpoint(run: Run, args: TrainArgs, dist: Distributed, run_dir: P
             meta=meta,
             keep=args.keep_checkpoints,
         )
+
+
+def check_fsdp(args: TrainArgs, world_size: int) -> bool:
+    """--fsdp shards over torchrun's ranks; a lone process has nothing to shard over, so it is refused."""
+    if args.fsdp and world_size == 1:
+        raise UserError(
+            "--fsdp shards the base over torchrun's ranks, and this process runs alone; launch it with "
+            "`torchrun --nproc_per_node N cli.py train ... --fsdp` (N >= 2), or drop --fsdp"
+        )
+    return args.fsdp
 
 
 def say(message: str) -> None:

@@ -27,6 +27,7 @@ from .args import TrainArgs
 from .checkpoint import restore_adapter, restore_optimizer
 from .data import Dataset, detect_task, load_dataset, steps_per_epoch
 from .distributed import Distributed
+from .fsdp import shard_model
 from .step import Stepper, autocast_dtype
 
 HEAD_MODULES = ["classifier", "score", "pre_classifier"]  # fresh classification heads stay fully trainable
@@ -69,12 +70,16 @@ def prepare_run(args: TrainArgs, run_dir: Path, dist: Distributed, resume: bool)
     config = args.adalora_config(total_step)  # the preset's schedule, checked against the run's length
 
     pad_id = pad_token_id(tokenizer, task, args.model)
-    net = load_model(args.model, task, train_set, config, dist.device, amp_dtype, pad_id)
+    # Under FSDP the whole model is built on the CPU and only each rank's shard moves to its device.
+    load_device = torch.device("cpu") if dist.fsdp else dist.device
+    net = load_model(args.model, task, train_set, config, load_device, amp_dtype, pad_id)
     name_groups = optimizer_param_names(net)
     param_names = [name for group in name_groups for name in group]
     allocator = RankAllocator(net, config, total_step)
     latest = latest_checkpoint(run_dir) if resume else None
     checkpoint = restore_adapter(latest, net, allocator, train_set) if latest else None
+    if dist.fsdp:  # after the restore (a shrink replaces A, E, B), before AdamW takes the parameters
+        shard_model(net, dist, amp_dtype)
     optimizer = build_optimizer(net, name_groups, args.lr, args.weight_decay, args.head_lr)  # restored parameters
     if checkpoint:
         restore_optimizer(checkpoint, optimizer, param_names, dist.rank)
@@ -223,6 +228,8 @@ def describe_run(run: Run) -> str:
     total = sum(p.numel() for p in run.net.parameters())
     device = next(run.net.parameters()).device
     precision = f"autocast {str(run.amp_dtype).replace('torch.', '')}" if run.amp_dtype else "fp32"
+    if any(getattr(p, "placements", None) is not None for p in run.net.parameters()):  # DTensors: FSDP2
+        precision += ", base sharded with FSDP2"
     return (
         f"{run.task}: {len(run.train_set)} examples ({run.train_set.truncated} truncated), {run.per_epoch} "
         f"steps/epoch at global batch {run.global_batch}, total_step {run.total_step}; "

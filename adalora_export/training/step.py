@@ -28,6 +28,7 @@ from ..hf import CAUSAL_LM, SEQ_CLS
 from ..model import adapted_layers, orthogonal_regularizer
 from .data import IGNORE, Dataset, collate
 from .distributed import Distributed
+from .fsdp import average_gradients
 
 
 def lr_factor(step: int, warmup: int, total: int) -> float:
@@ -148,6 +149,8 @@ class Stepper:
                 (self.scaler.scale(loss) if self.scaler else loss).backward()
             loss_sum += task_sum.detach().float()
         step_loss = (self.dist.sum(loss_sum) / items.clamp(min=1)).item()
+        if self.dist.fsdp:  # the trained parameters are whole on every rank: average their gradients as DDP does
+            average_gradients(self.trainable, self.dist)
 
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
@@ -190,12 +193,17 @@ def evaluate(
     model.eval()
     totals = torch.zeros(3, dtype=torch.float64)  # loss sum, items, correct
     mine = list(range(dist.rank, len(dataset), dist.world_size))
-    for start in range(0, len(mine), batch_size):
-        batch = collate([dataset.examples[i] for i in mine[start : start + batch_size]], pad_id)
+    # Under FSDP every rank must run as many forwards as the others (each gathers the base with them):
+    # a rank with fewer examples runs its last forwards on a stand-in example and counts nothing.
+    most = -(-len(dataset) // dist.world_size) if dist.fsdp else len(mine)
+    for start in range(0, most, batch_size):
+        ids = mine[start : start + batch_size]
+        batch = collate([dataset.examples[i] for i in ids or [0]], pad_id)
         items = count_items(batch, task)
         with autocast(dist.device, amp_dtype):
             loss, correct = task_loss(model, {k: v.to(dist.device) for k, v in batch.items()}, task)
-        totals += torch.tensor([loss.item(), items, correct.item()], dtype=torch.float64)
+        if ids:
+            totals += torch.tensor([loss.item(), items, correct.item()], dtype=torch.float64)
     model.train()
     totals = dist.sum(totals)
     result = {"eval_loss": float(totals[0] / max(totals[1], 1))}
