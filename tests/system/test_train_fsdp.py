@@ -158,3 +158,33 @@ def test_trainer_route_refuses_fsdp():
 
     with pytest.raises(UserError, match="use `torchrun --nproc_per_node N cli.py train ... --fsdp`"):
         AdaLoraCallback(AdaLoraConfig()).on_train_begin(Args(), None, None)
+
+
+def test_fsdp_killed_after_the_final_shrink_resumes_byte_identical(tmp_path, llama_base, fsdp_run):
+    """Both ranks SIGKILLed once the checkpoint after the shrink is on disk, then --resume: the same bytes as
+    the uninterrupted run. A kill that lands after the run finished tests nothing, so it is tried again."""
+    import signal
+    import time
+
+    out, data, val = fsdp_run
+    flags = ["--model", llama_base, "--data", data, "--validation", val, "--batch_size", 2, "--fsdp"]
+    flags += [f"--{k}={v}" for k, v in OPTIONS.items()]
+    for attempt in range(3):
+        run = tmp_path / f"run{attempt}"
+        argv = [*TORCHRUN, *map(str, flags), "--output", str(run)]
+        proc = subprocess.Popen(
+            argv, cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+        )
+        deadline = time.time() + 240
+        while not (run / "checkpoint-8").is_dir() and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.005)
+        os.killpg(proc.pid, signal.SIGKILL)  # torchrun and both ranks
+        proc.wait()
+        if (run / "checkpoint-8").is_dir() and not (run / "adapter").exists():
+            break
+    else:
+        pytest.fail("no kill landed between checkpoint-8 and the end of the run in 3 tries")
+    torchrun("--output", run, "--resume")
+    for name in ("adapter", "final"):
+        for file in sorted(p.name for p in (out / name).iterdir()):
+            assert (run / name / file).read_bytes() == (out / name / file).read_bytes(), f"{name}/{file}"
