@@ -17,7 +17,17 @@ import click
 
 from .errors import UserError
 from .formats.lora_dir import LORA_FORMATS, LORA_LAYOUTS
-from .formats.onnx_dir import DTYPES, MAX_OPSET, MIN_OPSET, OPTIMIZED_DTYPES, TARGETS
+from .formats.onnx_dir import (
+    DTYPES,
+    INT4_ACCURACY_LEVELS,
+    INT4_BLOCK_SIZES,
+    INT4_HEADS,
+    INT4_SENSITIVE,
+    MAX_OPSET,
+    MIN_OPSET,
+    OPTIMIZED_DTYPES,
+    TARGETS,
+)
 from .io import disk_full, disk_full_message
 from .serving.providers import PROVIDERS
 from .training.args import TrainArgs, option_types
@@ -117,7 +127,40 @@ def demo(output: str | None, steps: int | None, overwrite: bool) -> None:
     help="With --onnx --merge: onnxruntime-genai's builder makes the graph (fused attention, KV cache; Llama and kin).",
 )
 @click.option("--target", type=click.Choice(TARGETS), default=None, help="With --optimized: cpu (default) or cuda.")
-@click.option("--tolerance", type=float, default=None, help="With --onnx: largest relative ONNX/torch difference.")
+@click.option(
+    "--tolerance",
+    type=float,
+    default=None,
+    help="With --onnx: largest relative ONNX/torch logit difference; with --dtype int4 --optimized: largest "
+    "relative perplexity increase on the check text (README).",
+)
+@click.option(
+    "--int4-block-size",
+    type=click.Choice([str(b) for b in INT4_BLOCK_SIZES]),
+    default=None,
+    callback=_parsed_by(int),
+    help="With --optimized --dtype int4: weights per quantization block (default 64).",
+)
+@click.option(
+    "--int4-accuracy-level",
+    type=click.Choice([str(a) for a in INT4_ACCURACY_LEVELS]),
+    default=None,
+    callback=_parsed_by(int),
+    help="With --optimized --dtype int4: MatMulNBits compute type, 4 = int8 activations "
+    "(default: 4 on cpu, 0 on cuda).",
+)
+@click.option(
+    "--int4-head",
+    type=click.Choice(INT4_HEADS),
+    default=None,
+    help="With --optimized --dtype int4: precision of the output head and a tied embedding (default int8).",
+)
+@click.option(
+    "--int4-sensitive",
+    type=click.Choice(INT4_SENSITIVE),
+    default=None,
+    help="With --optimized --dtype int4: precision of the most quantization-sensitive projections (default int8).",
+)
 @click.option(
     "--graph",
     type=click.Path(),

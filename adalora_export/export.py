@@ -26,12 +26,14 @@ __all__ = ["LORA_FORMATS", "LORA_LAYOUTS", "ExportRequest", "ExportResult", "exp
 
 # The options each target takes besides the ones every export takes (output, overwrite, allow_pickle).
 _ONNX = {"base", "merge", "adapter_inputs", "dtype", "tolerance"}
+# The builder's int4 settings: --optimized only, and there --dtype int4 only (export_optimized says so).
+INT4_OPTIONS = ("int4_block_size", "int4_accuracy_level", "int4_head", "int4_sensitive")
 TARGET_OPTIONS = {
     "lora": ({"to", "lora_layout"}, "--to lora (a LoRA directory needs no base)"),
     "merged": ({"base", "merge", "workers", "verify"}, "--merge (the merged model keeps the base's dtype)"),
     "onnx_adapter": ({"onnx", "graph"}, "--onnx --graph (the graph fixes base, kind, dtype and opset)"),
     "optimized": (
-        _ONNX | {"onnx", "optimized", "target"},
+        _ONNX | {"onnx", "optimized", "target", *INT4_OPTIONS},
         "--onnx --optimized (onnxruntime-genai's builder: its graph has a KV cache)",
     ),
     "onnx": (_ONNX | {"onnx", "opset", "with_past"}, "--onnx"),
@@ -56,6 +58,10 @@ class ExportRequest:
     opset: int | None = None
     with_past: bool = False
     tolerance: float | None = None
+    int4_block_size: int | None = None
+    int4_accuracy_level: int | None = None
+    int4_head: str | None = None
+    int4_sensitive: str | None = None
     workers: int | None = None
     verify: bool = False
     overwrite: bool = False
@@ -157,6 +163,7 @@ def _onnx(adapter: CompactAdapter, base_dir: Path, output: Path, request: Export
             dtype=request.dtype or "fp32",
             target=request.target or "cpu",
             adapter_inputs=request.adapter_inputs,
+            **{name: getattr(request, name) for name in INT4_OPTIONS},
             **common,
         )
     else:
@@ -175,8 +182,16 @@ def _onnx(adapter: CompactAdapter, base_dir: Path, output: Path, request: Export
 def _onnx_line(kind: OnnxKind, output: Path, base_dir: Path, manifest: dict) -> str:
     parity = manifest.get("parity", {})
     line = f"wrote {kind.value} ONNX graph {output} from base {base_dir}"
+    if parity.get("checked") is False:
+        return f"{line}: {parity['reason']}"
     if "max_relative_error" in parity:
         line += f": onnxruntime vs torch {parity['max_relative_error']:.2g} (relative)"
+    if "perplexity" in parity:
+        line += (
+            f", perplexity {parity['perplexity']:.3g} vs {parity['reference_perplexity']:.3g} on "
+            f"{'the check text' if parity['scored_on'] == 'text' else parity['scored_on']}, "
+            f"next token equal at {parity['top1_agreement']:.0%}"
+        )
     if "greedy_agreement" in parity:
         line += f", greedy tokens {parity['greedy_agreement']:.0%} equal"
     return line

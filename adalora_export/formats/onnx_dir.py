@@ -30,6 +30,11 @@ MANIFEST_VERSION = 1
 DTYPES = ("fp32", "fp16")  # TorchScript graphs
 OPTIMIZED_DTYPES = ("fp32", "fp16", "int4")  # the builder's optimized graphs
 TARGETS = ("cpu", "cuda")  # the execution provider an optimized graph is built for
+# The builder's int4 settings an export takes (--int4-*), and what each may be:
+INT4_BLOCK_SIZES = (16, 32, 64, 128, 256)  # weights per quantization block (one scale each)
+INT4_ACCURACY_LEVELS = (0, 1, 2, 3, 4)  # MatMulNBits' compute type: 0 unset, 1 fp32, 2 fp16, 3 bf16, 4 int8
+INT4_HEADS = ("int4", "int8", "float")  # the output head (and a tied embedding with it)
+INT4_SENSITIVE = ("int4", "int8")  # the most quantization-sensitive projections (llama.cpp's mixed layers)
 MIN_OPSET, MAX_OPSET = 14, 20  # TorchScript graphs
 TOKENIZER_FILES = (
     "tokenizer.json",
@@ -105,6 +110,7 @@ class Manifest:
     cache: dict | None = None  # with_past: cache input/output names, layers, kv heads, head size
     adapter_file: str | None = None  # adapter inputs: the exported adapter beside the graph
     genai_config: str | None = None  # onnxruntime-genai's config beside the graph, when written
+    quantization: dict | None = None  # int4 optimized graphs: the builder's settings (block size, head...)
     parity: dict = field(default_factory=dict)  # the check's figures against torch
 
     def to_dict(self) -> dict:

@@ -5,9 +5,15 @@ what onnxruntime's LLM stack serves fastest: fused GroupQueryAttention over a sh
 buffer, fused rotary embedding and norms, and int4 weights (``MatMulNBits``). We do not rewrite
 that: the adapter is merged into a temporary HF directory (streaming, ``converters.merge``), the
 builder turns it into ``model.onnx`` + ``genai_config.json``, and our own check then runs the result
-through onnxruntime-genai against the merged torch model in fp32: greedy agreement over a few
-prompts and the largest relative logit error, with a bound per dtype (int4 quantizes every matrix,
-so it gets its own). Both figures go into ``onnx_manifest.json``; over the bound nothing is written.
+through onnxruntime-genai against the merged torch model in fp32 on real text tokenized by the model's
+own tokenizer (``quality``): per-token perplexity of both, top-1 agreement of their next-token
+predictions, the largest relative logit error, and greedy agreement from a few prompts. The bound
+depends on the dtype: fp32 and fp16 are held to the logit error; int4, which rounds every matrix, to
+what a user notices (perplexity within a share of torch's, top-1 agreement above a floor). The figures
+and bounds go into ``onnx_manifest.json``; out of bounds nothing is written. A ``cuda`` graph built
+where no CUDA GPU is usable is written unchecked, and the manifest says so. int4 builds take the
+builder's settings that matter (``int4_settings``: block size, accuracy level, the output head's
+precision, int8 for the most sensitive projections), recorded as the manifest's ``quantization``.
 Architectures the builder does not take (GPT-2, encoders, classifiers) use ``export_onnx``.
 
 With ``adapter_inputs`` the graph is the builder's optimized *base* with one LoRA branch per adapted
@@ -36,11 +42,16 @@ import torch
 from tqdm import tqdm
 
 from adalora_export.adapter import CompactAdapter
+from adalora_export.devices import cuda_usable
 from adalora_export.errors import UserError
 from adalora_export.formats.onnx_dir import (
     ADAPTER_FILE,
     DATA_FILE,
     GENAI_CONFIG,
+    INT4_ACCURACY_LEVELS,
+    INT4_BLOCK_SIZES,
+    INT4_HEADS,
+    INT4_SENSITIVE,
     MANIFEST,
     MODEL_FILE,
     OPTIMIZED_DTYPES,
@@ -57,6 +68,7 @@ from ..merge import merge_into_base
 from .adapter_file import write_adapter_file
 from .builder_graph import branches_as_inputs, pack_qkv
 from .parity import check_tolerance
+from .quality import TextScore, check_sequences
 
 BUILDER_ARCHITECTURES = (
     "LlamaForCausalLM",
@@ -71,10 +83,23 @@ BUILDER_ARCHITECTURES = (
     "OlmoForCausalLM",
     "SmolLM3ForCausalLM",
 )
-# Largest relative logit error (to the largest reference logit) against torch fp32: fp32 is the same
-# arithmetic reordered; fp16 the builder's accuracy class; int4 rounds every weight to 16 levels per block.
-OPTIMIZED_TOLERANCE = {"fp32": 1e-4, "fp16": 5e-3, "int4": 0.25}
-PROMPT_LENGTHS = (5, 11, 17)
+# The bound per dtype (``tolerance`` replaces it). fp32 and fp16: the largest relative logit error (to the
+# largest reference logit) against torch fp32, the same arithmetic reordered or in the builder's fp16.
+# int4 rounds every weight to 16 levels per block, so logits move visibly: its bound is on the graph's
+# perplexity over the check text, at most this share above torch's, and at the default bound top-1
+# agreement at least INT4_MIN_TOP1. Measured on SmolLM2-135M-Instruct with three small adapters (README):
+# the default settings give +9 to +11% and 68-69%; the builder's own defaults (all int4, blocks of 32)
+# +31% and 59%, and answer "The capital of France is" with " capital of France.".
+OPTIMIZED_TOLERANCE = {"fp32": 1e-4, "fp16": 5e-3, "int4": 0.2}
+INT4_MIN_TOP1 = 0.6
+# The builder's int4 settings we choose by default (measured, README): the output head and llama.cpp's
+# mixed layers (the most quantization-sensitive projections) in int8, which take the perplexity increase
+# from +31% to +11%; blocks of 64, as good as 32 on perplexity (4 points lower top-1) and smaller and
+# faster (16: the best top-1, 50% slower). The accuracy level is the builder's default for the target.
+INT4_DEFAULTS = {"block_size": 64, "head": "int8", "sensitive": "int8"}
+BUILDER_ACCURACY_LEVEL = {"cpu": 4, "cuda": 0}  # int8 activations on the CPU (fastest there), the graph's on CUDA
+NO_CUDA = "not checked on this machine: no usable CUDA GPU"
+PROMPT_LENGTHS = (5, 11, 17)  # greedy decoding from the first tokens of the first sequences
 NEW_TOKENS = 8
 
 
@@ -87,16 +112,20 @@ def export_optimized(
     target: str = "cpu",
     tolerance: float | None = None,
     adapter_inputs: bool = False,
+    int4_block_size: int | None = None,
+    int4_accuracy_level: int | None = None,
+    int4_head: str | None = None,
+    int4_sensitive: str | None = None,
     overwrite: bool = False,
     allow_pickle: bool = False,
 ) -> dict:
     """Write base + ``adapter`` as onnxruntime-genai's optimized graph into ``output`` (merged, or with
     ``adapter_inputs`` the base with hot-swappable branches and the adapter as ``adapter.onnx_adapter``);
-    returns the manifest."""
+    returns the manifest. The ``int4_*`` settings (``int4_settings``) apply to ``dtype="int4"`` only."""
     base_dir = Path(base_dir)
+    int4 = int4_settings(dtype, target, int4_block_size, int4_accuracy_level, int4_head, int4_sensitive)
     config = _check_options(adapter, base_dir, dtype, target, tolerance, adapter_inputs)
     output = check_output_path(output, overwrite, inputs={"the base model": base_dir})
-    tolerance = OPTIMIZED_TOLERANCE[dtype] if tolerance is None else tolerance
     manifest = _manifest(adapter, config, base_dir, dtype, target, adapter_inputs)
     stages = tqdm(total=4, desc=f"ONNX export (optimized, {dtype})", unit="stage")
     # Named like an atomic output's temporary, so a later export of the same name clears it after a kill.
@@ -107,10 +136,13 @@ def export_optimized(
         work = Path(work)
         stages.set_postfix_str("merging" if not adapter_inputs else "LoRA branches")
         source, lora = _builder_source(adapter, base_dir, work, adapter_inputs, allow_pickle)
+        options = _builder_options(int4, _ties_embeddings(source))
+        if int4 is not None:
+            manifest.quantization = {**int4, "builder_options": options}
         stages.update()
         with atomic_output_dir(output, overwrite) as tmp:
             stages.set_postfix_str("onnxruntime-genai builder")
-            _build(source, tmp, dtype, target, work / "cache", lora)
+            _build(source, tmp, dtype, target, work / "cache", lora, options)
             stages.update()
             for name in ("config.json", "generation_config.json"):  # what the directory's readers expect
                 if (source / name).is_file():
@@ -118,11 +150,16 @@ def export_optimized(
             if adapter_inputs:
                 manifest.branches = _take_adapters(tmp, adapter)
                 write_adapter_file(adapter, manifest.to_dict(), tmp / ADAPTER_FILE)
-            reference = _reference(adapter, base_dir, source, adapter_inputs, allow_pickle)
-            manifest.eos_token_ids = eos_token_ids(reference)
+            manifest.eos_token_ids = _eos_token_ids(source)
             stages.set_postfix_str("onnxruntime-genai check")
             stages.update()
-            manifest.parity = _check(tmp, reference, tolerance, tmp / ADAPTER_FILE if adapter_inputs else None)
+            if target == "cuda" and not cuda_usable():  # the graph is built; it runs only on a GPU
+                manifest.parity = {"checked": False, "reason": NO_CUDA}
+            else:
+                reference = _reference(adapter, base_dir, source, adapter_inputs, allow_pickle)
+                sequences, scored_on = check_sequences(base_dir, _vocab_size(reference), _context(reference))
+                figures = _check(tmp, reference, sequences, scored_on, tmp / ADAPTER_FILE if adapter_inputs else None)
+                manifest.parity = judge(figures, dtype, tolerance)
             write_json(tmp / MANIFEST, manifest.to_dict())
             stages.update()
     return manifest.to_dict()
@@ -151,6 +188,78 @@ def _check_options(
         names = ", ".join(sorted(adapter.extra_weights))
         raise UserError(f"the adapter trains {names} in full; the builder's graph cannot take them as inputs")
     return config
+
+
+def int4_settings(
+    dtype: str,
+    target: str,
+    block_size: int | None = None,
+    accuracy_level: int | None = None,
+    head: str | None = None,
+    sensitive: str | None = None,
+) -> dict | None:
+    """The builder's int4 settings with our defaults filled in (None for another dtype); a UserError for
+    a setting given with another dtype, or outside its choices (``formats.onnx_dir.INT4_*``).
+
+    ``block_size``: weights per quantization block; ``accuracy_level``: MatMulNBits' compute type (the
+    builder's default for ``target`` when None); ``head``: the output head's precision (int4, int8, or
+    ``float``: the graph's float type), with a tied embedding; ``sensitive``: the precision of
+    llama.cpp's mixed layers (first and last eighth of the layers and every third one's v, qkv and down
+    projections), the ones int4 hurts most.
+    """
+    given = {"block_size": block_size, "accuracy_level": accuracy_level, "head": head, "sensitive": sensitive}
+    if dtype != "int4":
+        name = next((name for name, value in given.items() if value is not None), None)
+        if name is not None:
+            raise UserError(f"--int4-{name.replace('_', '-')} does not apply to --dtype {dtype} (int4 settings)")
+        return None
+    choices = {
+        "block_size": INT4_BLOCK_SIZES,
+        "accuracy_level": INT4_ACCURACY_LEVELS,
+        "head": INT4_HEADS,
+        "sensitive": INT4_SENSITIVE,
+    }
+    for name, value in given.items():
+        if value is not None and value not in choices[name]:
+            allowed = ", ".join(str(c) for c in choices[name])
+            raise UserError(f"--int4-{name.replace('_', '-')} must be one of {allowed}, got {value!r}")
+    settings = {**INT4_DEFAULTS, "accuracy_level": BUILDER_ACCURACY_LEVEL.get(target, 0)}
+    settings.update({name: value for name, value in given.items() if value is not None})
+    return {name: settings[name] for name in given}
+
+
+def _builder_options(int4: dict | None, tied: bool) -> list[str]:
+    """The builder's ``--extra_options`` for our int4 settings (none for another dtype); ``tied``: the
+    model ties its embedding to its output head, which the builder then stores once, as one int4 matrix.
+
+    Builder names (onnxruntime-genai 0.18): ``block_size``, ``accuracy_level``,
+    ``matmul_mixed_precision`` (``last_matmul``: the head, ``mixed_layers``), ``nodes_to_exclude``.
+    An int8 head cannot share the tied int4 embedding (the builder then looks for an int8 embedding it
+    never makes, and onnxruntime refuses the graph), so the two are stored apart, the embedding still
+    int4; a ``float`` head keeps the tied matrix shared, both unquantized.
+    """
+    if int4 is None:
+        return []
+    options = [f"block_size={int4['block_size']}", f"accuracy_level={int4['accuracy_level']}"]
+    mixed = []
+    if int4["head"] == "int8":
+        mixed.append("last_matmul:int8")
+        if tied:
+            options += ["shared_embeddings=false", "op_types_to_quantize=MatMul/Gather"]
+    elif int4["head"] == "float":
+        options.append("nodes_to_exclude=/lm_head/MatMul" + (",/model/embed_tokens/Gather" if tied else ""))
+    if int4["sensitive"] == "int8":
+        mixed.append("mixed_layers:int8")
+    if mixed:
+        options.append("matmul_mixed_precision=" + ",".join(mixed))
+    return options
+
+
+def _ties_embeddings(source: Path) -> bool:
+    """Whether the model in ``source`` ties its embedding to its output head, as the builder reads it."""
+    from transformers import AutoConfig
+
+    return bool(getattr(AutoConfig.from_pretrained(source, local_files_only=True), "tie_word_embeddings", False))
 
 
 def _manifest(
@@ -187,12 +296,16 @@ def _builder_source(
     return work / "merged", None
 
 
-def _build(source: Path, output: Path, dtype: str, target: str, cache: Path, lora: Path | None = None) -> None:
-    """Run the builder on an HF directory (a child process: it loads the whole model itself)."""
+def _build(
+    source: Path, output: Path, dtype: str, target: str, cache: Path, lora: Path | None = None, options: list = ()
+) -> None:
+    """Run the builder on an HF directory (a child process: it loads the whole model itself);
+    ``options``: its ``--extra_options`` (``KEY=VALUE``)."""
     argv = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-m", source.name, "-i", str(source)]
     argv += ["-o", str(output), "-p", dtype, "-e", target, "-c", str(cache)]
-    if lora is not None:
-        argv += ["--extra_options", f"adapter_path={lora}"]
+    extra = list(options) + ([f"adapter_path={lora}"] if lora is not None else [])
+    if extra:
+        argv += ["--extra_options", *extra]
     proc = subprocess.run(argv, capture_output=True, text=True)
     if proc.returncode != 0 or not (output / MODEL_FILE).is_file():
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
@@ -219,50 +332,121 @@ def _reference(
     return load_pretrained(source, CAUSAL_LM, dtype=torch.float32).eval()
 
 
-def _check(graph_dir: Path, reference: torch.nn.Module, tolerance: float, adapter_file: Path | None) -> dict:
+def _eos_token_ids(source: Path) -> list[int]:
+    """The end ids of the model in ``source`` as ``hf.eos_token_ids`` reads a loaded one (its generation
+    config's, else its config's), from the config files alone: an unchecked graph loads no model."""
+    from types import SimpleNamespace
+
+    from transformers import AutoConfig, GenerationConfig
+
+    config = AutoConfig.from_pretrained(source, local_files_only=True)
+    try:
+        generation = GenerationConfig.from_pretrained(source, local_files_only=True)
+    except OSError:
+        generation = GenerationConfig.from_model_config(config)
+    return eos_token_ids(SimpleNamespace(generation_config=generation, config=config))
+
+
+def _vocab_size(model: torch.nn.Module) -> int:
+    return model.config.get_text_config().vocab_size
+
+
+def _context(model: torch.nn.Module) -> int:
+    """The longest sequence the check may score: the model's positions, less the greedy run's new tokens."""
+    text = model.config.get_text_config()
+    positions = getattr(text, "max_position_embeddings", None) or getattr(text, "n_positions", None) or 2048
+    return positions - NEW_TOKENS
+
+
+def _check(
+    graph_dir: Path, reference: torch.nn.Module, sequences: list, scored_on: str, adapter_file: Path | None
+) -> dict:
     """``check_optimized``, with onnxruntime-genai's own failures to run the graph as a UserError."""
     try:
-        return check_optimized(graph_dir, reference, tolerance, adapter_file)
-    except RuntimeError as exc:  # onnxruntime-genai cannot run it here (no GPU for a cuda graph, say)
+        return check_optimized(graph_dir, reference, sequences, scored_on, adapter_file)
+    except RuntimeError as exc:  # onnxruntime-genai cannot run it here (a cuda graph without its provider, say)
         raise UserError(f"onnxruntime-genai cannot run the built graph: {str(exc).splitlines()[0]}") from None
 
 
 @torch.no_grad()
-def check_optimized(graph_dir: Path, reference: torch.nn.Module, tolerance: float, adapter_file: Path | None) -> dict:
+def check_optimized(
+    graph_dir: Path,
+    reference: torch.nn.Module,
+    sequences: list[list[int]],
+    scored_on: str,
+    adapter_file: Path | None = None,
+) -> dict:
     """Run the built graph through onnxruntime-genai (with ``adapter_file`` active, if given) against
-    ``reference``, the model it stands for, in torch fp32."""
+    ``reference``, the model it stands for, in torch fp32; returns the figures (``judge`` holds them to
+    the dtype's bounds).
+
+    Each of ``sequences`` (``quality.check_sequences``; ``scored_on`` says what they are) is scored whole
+    (``quality.TextScore``: perplexity of both, top-1 agreement, the largest relative logit error); the
+    first ``PROMPT_LENGTHS`` tokens of the first ones are decoded greedily, ``NEW_TOKENS`` each.
+    """
     og = import_onnxruntime_genai()
     model = og.Model(str(graph_dir))
     adapters = None
     if adapter_file is not None:
         adapters = og.Adapters(model)
         adapters.load(str(adapter_file), "adapter")
-    vocab = reference.config.get_text_config().vocab_size
-    rng = np.random.default_rng(0)
-    worst, agree, total = 0.0, 0, 0
-    for length in PROMPT_LENGTHS:
-        ids = rng.integers(0, vocab, length).tolist()
+    score = TextScore()
+    for ids in sequences:
         want = reference(torch.tensor([ids])).logits[0].numpy()
-        params = og.GeneratorParams(model)
-        params.set_search_options(max_length=length + NEW_TOKENS, min_length=length + NEW_TOKENS, do_sample=False)
-        generator = og.Generator(model, params)
-        if adapters is not None:
-            generator.set_active_adapter(adapters, "adapter")
-        generator.append_tokens(ids)
-        got = np.asarray(generator.get_output("logits"), dtype=np.float32)[0, : want.shape[0]]
-        worst = max(worst, float(np.abs(got - want).max() / np.abs(want).max()))
-        while not generator.is_done():
-            generator.generate_next_token()
-        tokens = [int(t) for t in generator.get_sequence(0)[length:]]
-        expected = _greedy(reference, ids, NEW_TOKENS)
+        run = _generator(og, model, adapters, ids, len(ids) + 1)
+        score.add(ids, np.asarray(run.get_output("logits"), dtype=np.float32)[0, : len(ids)], want)
+    agree, total = 0, 0
+    for ids, length in zip(sequences, PROMPT_LENGTHS):
+        prompt = ids[:length]
+        run = _generator(og, model, adapters, prompt, len(prompt) + NEW_TOKENS)
+        while not run.is_done():
+            run.generate_next_token()
+        tokens = [int(t) for t in run.get_sequence(0)[len(prompt) :]]
+        expected = _greedy(reference, prompt, NEW_TOKENS)
         agree += sum(a == b for a, b in zip(tokens, expected))
         total += len(expected)
-    del adapters, model  # frees the graph's weights before the caller renames the directory
-    parity = {"max_relative_error": worst, "tolerance": tolerance, "greedy_agreement": agree / total}
-    if worst > tolerance:
+    del run, adapters, model  # frees the graph's weights before the caller renames the directory
+    return {**score.figures(scored_on), "greedy_agreement": agree / total}
+
+
+def _generator(og, model, adapters, ids: list[int], length: int):
+    """An onnxruntime-genai generator that has read ``ids`` and runs greedily to ``length`` tokens (the end
+    token held back until then, as ``_greedy`` does), with the adapter active when ``adapters`` is given."""
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=length, min_length=length, do_sample=False)
+    generator = og.Generator(model, params)
+    if adapters is not None:
+        generator.set_active_adapter(adapters, "adapter")
+    generator.append_tokens(ids)
+    return generator
+
+
+def judge(figures: dict, dtype: str, tolerance: float | None = None) -> dict:
+    """The manifest's ``parity``: ``figures`` with the dtype's bounds (``OPTIMIZED_TOLERANCE``; ``tolerance``
+    replaces the default, and for int4 the top-1 floor with it); a UserError, nothing written, when a
+    figure is out of bounds."""
+    bound = OPTIMIZED_TOLERANCE[dtype] if tolerance is None else tolerance
+    if dtype != "int4":
+        parity = {"checked": True, **figures, "tolerance": bound, "bounds": {"max_relative_error": bound}}
+        if figures["max_relative_error"] > bound:
+            raise UserError(
+                f"onnxruntime-genai differs from torch by {figures['max_relative_error']:.3g} (relative) on the "
+                f"built graph, over the tolerance {bound}; nothing written"
+            )
+        return parity
+    bounds = {"perplexity_increase": bound}
+    if tolerance is None:
+        bounds["top1_agreement"] = INT4_MIN_TOP1
+    parity = {"checked": True, **figures, "tolerance": bound, "bounds": bounds}
+    increase, top1 = figures["perplexity_increase"], figures["top1_agreement"]
+    if increase > bound or top1 < bounds.get("top1_agreement", 0.0):
+        floor = f" (at least {bounds['top1_agreement']:.0%})" if "top1_agreement" in bounds else ""
+        where = "the check text" if figures["scored_on"] == "text" else figures["scored_on"]
         raise UserError(
-            f"onnxruntime-genai differs from torch by {worst:.3g} (relative) on the built graph, over the "
-            f"tolerance {tolerance}; nothing written"
+            f"the int4 graph's perplexity on {where} is {figures['perplexity']:.3g}, "
+            f"torch's {figures['reference_perplexity']:.3g} (+{increase:.0%}, at most +{bound:.0%}), and its "
+            f"next token is torch's at {top1:.0%} of positions{floor}; nothing written "
+            "(--int4-head, --int4-sensitive, --int4-block-size or --tolerance change that)"
         )
     return parity
 

@@ -41,7 +41,13 @@ def test_fp32_graph_matches_torch_and_serves_batches_and_streams(built, capsys):
     base, adapter_dir, graphs, _ = built
     manifest = json.loads((graphs["fp32"] / "onnx_manifest.json").read_text())
     assert manifest["kind"] == "optimized" and manifest["exporter"] == "onnxruntime-genai model builder"
-    assert manifest["parity"]["max_relative_error"] <= 1e-4 and manifest["parity"]["greedy_agreement"] == 1.0
+    parity = manifest["parity"]
+    assert parity["max_relative_error"] <= 1e-4 and parity["greedy_agreement"] == 1.0
+    # The toy tokenizer knows 20 words, so the check reads random ids, and says so; fp32 keeps the logit bound.
+    assert parity["checked"] and parity["scored_on"] == "random ids" and parity["scored_tokens"] > 200
+    assert parity["bounds"] == {"max_relative_error": 1e-4} and parity["top1_agreement"] == 1.0
+    assert parity["perplexity"] == pytest.approx(parity["reference_perplexity"], rel=1e-4)
+    assert manifest["quantization"] is None
     assert (graphs["fp32"] / "genai_config.json").is_file()
 
     adapter = load_adapter(adapter_dir)
@@ -82,21 +88,104 @@ def test_a_row_that_onnxruntime_genai_ends_itself_ends_the_stream(built, tmp_pat
     assert OnnxServer(graph).generate_ids(prompt, 6) == first[:2]
 
 
-def test_int4_is_held_to_its_own_bound(built, capsys):
-    # A random-weight tiny model quantizes badly (small logits, 2 blocks of 32 per row): the default int4
-    # bound (0.25; the demo's trained model gives 0.18) refuses it, an explicit --tolerance takes it.
+@pytest.fixture(scope="module")
+def int4_graph(built):
+    """The merged int4 graph at the default settings."""
     _, adapter_dir, _, tmp = built
+    out = tmp / "int4"
+    assert run_cli("export", str(adapter_dir), "--onnx", "--merge", "--optimized", "--dtype", "int4", "-o", out) == 0
+    return out
+
+
+def node_attributes(graph_dir, op_type: str) -> dict[str, dict]:
+    import onnx
+    from onnx import helper
+
+    graph = onnx.load(str(graph_dir / "model.onnx"), load_external_data=False).graph
+    return {
+        n.name: {a.name: helper.get_attribute_value(a) for a in n.attribute} for n in graph.node if n.op_type == op_type
+    }
+
+
+def test_int4_is_held_to_perplexity_and_top1_and_records_its_settings(built, int4_graph, monkeypatch, capsys):
+    from adalora_export.converters.onnx import optimized
+
+    _, adapter_dir, _, tmp = built
+    manifest = json.loads((int4_graph / "onnx_manifest.json").read_text())
+    parity, quantization = manifest["parity"], manifest["quantization"]
+    assert manifest["dtype"] == "int4" and parity["checked"] and parity["scored_on"] == "random ids"
+    assert parity["bounds"] == {"perplexity_increase": 0.2, "top1_agreement": 0.6}
+    assert parity["perplexity_increase"] <= 0.2 and parity["top1_agreement"] >= 0.6
+    assert 0 < parity["max_relative_error"] and 0 <= parity["greedy_agreement"] <= 1  # recorded, not bounded
+    assert quantization == {
+        "block_size": 64,
+        "accuracy_level": 4,
+        "head": "int8",
+        "sensitive": "int8",
+        "builder_options": [
+            "block_size=64",
+            "accuracy_level=4",
+            "matmul_mixed_precision=last_matmul:int8,mixed_layers:int8",
+        ],
+    }
+    nbits = node_attributes(int4_graph, "MatMulNBits")
+    assert {a["block_size"] for a in nbits.values()} == {64} and {a["accuracy_level"] for a in nbits.values()} == {4}
+    assert nbits["/lm_head/MatMul_Q8"]["bits"] == 8 and {a["bits"] for a in nbits.values()} == {4, 8}
+    assert len(OnnxServer(int4_graph).generate(PROMPTS[0], 4)) > 0
+
+    # Out of bounds nothing is written, with one line saying why; an explicit --tolerance is the user's bound.
     argv = ["export", str(adapter_dir), "--onnx", "--merge", "--optimized", "--dtype", "int4"]
+    monkeypatch.setattr(optimized, "INT4_MIN_TOP1", 0.999)
     capsys.readouterr()
-    assert run_cli(*argv, "-o", str(tmp / "int4_refused")) == 2
-    assert "over the tolerance 0.25; nothing written" in capsys.readouterr().err
-    assert not (tmp / "int4_refused").exists()
-    assert run_cli(*argv, "--tolerance", "2", "-o", str(tmp / "int4")) == 0
-    manifest = json.loads((tmp / "int4" / "onnx_manifest.json").read_text())
-    parity = manifest["parity"]
-    assert manifest["dtype"] == "int4" and parity["tolerance"] == 2.0
-    assert 0.25 < parity["max_relative_error"] <= 2.0 and 0 <= parity["greedy_agreement"] <= 1
-    assert len(OnnxServer(tmp / "int4").generate(PROMPTS[0], 4)) > 0
+    assert run_cli(*argv, "-o", tmp / "int4_refused") == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]  # past the bars
+    assert len(errors) == 1 and "the int4 graph's perplexity on random ids is" in errors[0], errors
+    assert "(at least 100%); nothing written" in errors[0] and not (tmp / "int4_refused").exists()
+    assert run_cli(*argv, "--tolerance", "2", "-o", tmp / "int4_tolerant") == 0
+    parity = json.loads((tmp / "int4_tolerant" / "onnx_manifest.json").read_text())["parity"]
+    assert parity["tolerance"] == 2.0 and parity["bounds"] == {"perplexity_increase": 2.0}
+
+
+def test_the_int4_flags_reach_the_builders_graph(built, tmp_path):
+    _, adapter_dir, _, _ = built
+    flags = ["--int4-block-size", "32", "--int4-accuracy-level", "0", "--int4-head", "float"]
+    flags += ["--int4-sensitive", "int4"]
+    out = tmp_path / "int4"
+    argv = ["export", str(adapter_dir), "--onnx", "--merge", "--optimized", "--dtype", "int4", *flags]
+    assert run_cli(*argv, "--tolerance", "10", "-o", out) == 0
+    quantization = json.loads((out / "onnx_manifest.json").read_text())["quantization"]
+    assert {k: quantization[k] for k in ("block_size", "accuracy_level", "head", "sensitive")} == {
+        "block_size": 32,
+        "accuracy_level": 0,
+        "head": "float",
+        "sensitive": "int4",
+    }
+    nbits = node_attributes(out, "MatMulNBits")
+    assert nbits and all((a["block_size"], a.get("accuracy_level", 0), a["bits"]) == (32, 0, 4) for a in nbits.values())
+    assert "/lm_head/MatMul" in node_attributes(out, "MatMul")  # the head left in float
+
+
+def test_a_cuda_graph_without_a_usable_gpu_is_written_unchecked(built, tmp_path, monkeypatch, capsys):
+    """--target cuda where no CUDA GPU is usable: the graph is built, the manifest says it was not checked."""
+    from adalora_export.converters.onnx import optimized
+
+    _, adapter_dir, _, _ = built
+    monkeypatch.setattr(optimized, "cuda_usable", lambda: False)
+    monkeypatch.setattr(optimized, "_reference", None)  # no torch model is loaded for a check that cannot run
+    out = tmp_path / "cuda"
+    capsys.readouterr()
+    argv = ["export", str(adapter_dir), "--onnx", "--merge", "--optimized", "--dtype", "int4", "--target", "cuda"]
+    assert run_cli(*argv, "-o", out) == 0
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    assert line.endswith(": not checked on this machine: no usable CUDA GPU"), line
+    manifest = json.loads((out / "onnx_manifest.json").read_text())
+    assert manifest["parity"] == {"checked": False, "reason": "not checked on this machine: no usable CUDA GPU"}
+    assert (
+        manifest["target"] == "cuda" and manifest["quantization"]["accuracy_level"] == 0
+    )  # the builder's CUDA default
+    assert manifest["eos_token_ids"] and (out / "model.onnx").is_file() and (out / "genai_config.json").is_file()
+    genai = json.loads((out / "genai_config.json").read_text())
+    assert "cuda" in json.dumps(genai["model"]["decoder"]["session_options"]["provider_options"])
 
 
 def test_int4_adapter_inputs_repack_qkv_without_changing_a_number(built, monkeypatch):
@@ -108,9 +197,11 @@ def test_int4_adapter_inputs_repack_qkv_without_changing_a_number(built, monkeyp
 
     base, adapter_dir, _, tmp = built
     adapter = load_adapter(adapter_dir)
-    packed = export_optimized(adapter, base, tmp / "int4_packed", dtype="int4", tolerance=10.0, adapter_inputs=True)
+    # All int4: with the default int8 sensitive layers, a layer whose v projection is int8 stays unpacked.
+    options = dict(dtype="int4", tolerance=10.0, adapter_inputs=True, int4_sensitive="int4")
+    packed = export_optimized(adapter, base, tmp / "int4_packed", **options)
     monkeypatch.setattr(optimized, "pack_qkv", lambda graph: 0)
-    unpacked = export_optimized(adapter, base, tmp / "int4_unpacked", dtype="int4", tolerance=10.0, adapter_inputs=True)
+    unpacked = export_optimized(adapter, base, tmp / "int4_unpacked", **options)
     nodes = {
         name: [n.op_type for n in onnx.load(str(tmp / name / "model.onnx"), load_external_data=False).graph.node]
         for name in ("int4_packed", "int4_unpacked")
@@ -132,6 +223,31 @@ def test_int4_adapter_inputs_repack_qkv_without_changing_a_number(built, monkeyp
         (
             ["--onnx", "--merge", "--optimized", "--with-past"],
             "--with-past does not apply to --onnx --optimized",
+        ),
+        (["--onnx", "--merge", "--int4-head", "int8"], "--int4-head does not apply to --onnx"),
+        (["--to", "lora", "--int4-sensitive", "int4"], "--int4-sensitive does not apply to --to lora"),
+        (["--merge", "--int4-block-size", "64"], "--int4-block-size does not apply to --merge"),
+        (
+            ["--onnx", "--merge", "--optimized", "--int4-accuracy-level", "0"],
+            "--int4-accuracy-level does not apply to --dtype fp32 (int4 settings)",
+        ),
+        (
+            [
+                "--onnx",
+                "--optimized",
+                "--adapter-inputs",
+                "--dtype",
+                "fp16",
+                "--target",
+                "cuda",
+                "--int4-head",
+                "float",
+            ],
+            "--int4-head does not apply to --dtype fp16",
+        ),
+        (
+            ["--onnx", "--merge", "--optimized", "--dtype", "int4", "--int4-block-size", "48"],
+            "'48' is not one of '16', '32', '64', '128', '256'",
         ),
     ],
 )

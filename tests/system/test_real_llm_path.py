@@ -1,6 +1,7 @@
 """The whole path on the real pretrained instruct LLM (SmolLM2-135M-Instruct, ``adalora_export.pretrained``), as a
-user runs it from the command line: train a few short steps on chat records -> merge -> optimized graph ->
-``infer --chat``. Toy models hide what real ones break (a tied head, a chat template, a 49k vocabulary, 30 layers)."""
+user runs it from the command line: train a few short steps on chat records -> merge -> optimized int4 graph ->
+``infer --chat`` on the int4 graph. Toy models hide what real ones break (a tied head, a chat template,
+a 49k vocabulary, 30 layers)."""
 
 from __future__ import annotations
 
@@ -39,7 +40,10 @@ def test_merge_then_optimized_graph_answers_a_chat(run, capsys):
     tmp, out = run
     merged, graph = tmp / "merged", tmp / "graph"
     assert run_cli("export", out / "adapter", "--merge", "--verify", "--output", merged) == 0
-    assert run_cli("export", out / "adapter", "--onnx", "--merge", "--optimized", "--output", graph) == 0
+    assert (
+        run_cli("export", out / "adapter", "--onnx", "--merge", "--optimized", "--dtype", "int4", "--output", graph)
+        == 0
+    )
     capsys.readouterr()
     argv = ["infer", graph, "--chat", "What is the capital of France?", "--max_new_tokens", "12"]
     assert run_cli(*argv) == 0
