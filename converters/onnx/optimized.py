@@ -36,7 +36,6 @@ import sys
 import tempfile
 from pathlib import Path
 
-import numpy as np
 import onnx
 import torch
 from tqdm import tqdm
@@ -68,7 +67,7 @@ from ..merge import merge_into_base
 from .adapter_file import write_adapter_file
 from .builder_graph import branches_as_inputs, pack_qkv
 from .parity import check_tolerance
-from .quality import TextScore, check_sequences
+from .quality import NEW_TOKENS, check_optimized, check_sequences, judge
 
 BUILDER_ARCHITECTURES = (
     "LlamaForCausalLM",
@@ -83,15 +82,6 @@ BUILDER_ARCHITECTURES = (
     "OlmoForCausalLM",
     "SmolLM3ForCausalLM",
 )
-# The bound per dtype (``tolerance`` replaces it). fp32 and fp16: the largest relative logit error (to the
-# largest reference logit) against torch fp32, the same arithmetic reordered or in the builder's fp16.
-# int4 rounds every weight to 16 levels per block, so logits move visibly: its bound is on the graph's
-# perplexity over the check text, at most this share above torch's, and at the default bound top-1
-# agreement at least INT4_MIN_TOP1. Measured on SmolLM2-135M-Instruct with three small adapters (README):
-# the default settings give +9 to +11% and 68-69%; the builder's own defaults (all int4, blocks of 32)
-# +31% and 59%, and answer "The capital of France is" with " capital of France.".
-OPTIMIZED_TOLERANCE = {"fp32": 1e-4, "fp16": 5e-3, "int4": 0.2}
-INT4_MIN_TOP1 = 0.6
 # The builder's int4 settings we choose by default (measured, README): the output head and llama.cpp's
 # mixed layers (the most quantization-sensitive projections) in int8, which take the perplexity increase
 # from +31% to +11%; blocks of 64, as good as 32 on perplexity (4 points lower top-1) and smaller and
@@ -99,8 +89,6 @@ INT4_MIN_TOP1 = 0.6
 INT4_DEFAULTS = {"block_size": 64, "head": "int8", "sensitive": "int8"}
 BUILDER_ACCURACY_LEVEL = {"cpu": 4, "cuda": 0}  # int8 activations on the CPU (fastest there), the graph's on CUDA
 NO_CUDA = "not checked on this machine: no usable CUDA GPU"
-PROMPT_LENGTHS = (5, 11, 17)  # greedy decoding from the first tokens of the first sequences
-NEW_TOKENS = 8
 
 
 def export_optimized(
@@ -366,102 +354,3 @@ def _check(
         return check_optimized(graph_dir, reference, sequences, scored_on, adapter_file)
     except RuntimeError as exc:  # onnxruntime-genai cannot run it here (a cuda graph without its provider, say)
         raise UserError(f"onnxruntime-genai cannot run the built graph: {str(exc).splitlines()[0]}") from None
-
-
-@torch.no_grad()
-def check_optimized(
-    graph_dir: Path,
-    reference: torch.nn.Module,
-    sequences: list[list[int]],
-    scored_on: str,
-    adapter_file: Path | None = None,
-) -> dict:
-    """Run the built graph through onnxruntime-genai (with ``adapter_file`` active, if given) against
-    ``reference``, the model it stands for, in torch fp32; returns the figures (``judge`` holds them to
-    the dtype's bounds).
-
-    Each of ``sequences`` (``quality.check_sequences``; ``scored_on`` says what they are) is scored whole
-    (``quality.TextScore``: perplexity of both, top-1 agreement, the largest relative logit error); the
-    first ``PROMPT_LENGTHS`` tokens of the first ones are decoded greedily, ``NEW_TOKENS`` each.
-    """
-    og = import_onnxruntime_genai()
-    model = og.Model(str(graph_dir))
-    adapters = None
-    if adapter_file is not None:
-        adapters = og.Adapters(model)
-        adapters.load(str(adapter_file), "adapter")
-    score = TextScore()
-    for ids in sequences:
-        want = reference(torch.tensor([ids])).logits[0].numpy()
-        run = _generator(og, model, adapters, ids, len(ids) + 1)
-        score.add(ids, np.asarray(run.get_output("logits"), dtype=np.float32)[0, : len(ids)], want)
-    agree, total = 0, 0
-    for ids, length in zip(sequences, PROMPT_LENGTHS):
-        prompt = ids[:length]
-        run = _generator(og, model, adapters, prompt, len(prompt) + NEW_TOKENS)
-        while not run.is_done():
-            run.generate_next_token()
-        tokens = [int(t) for t in run.get_sequence(0)[len(prompt) :]]
-        expected = _greedy(reference, prompt, NEW_TOKENS)
-        agree += sum(a == b for a, b in zip(tokens, expected))
-        total += len(expected)
-    del run, adapters, model  # frees the graph's weights before the caller renames the directory
-    return {**score.figures(scored_on), "greedy_agreement": agree / total}
-
-
-def _generator(og, model, adapters, ids: list[int], length: int):
-    """An onnxruntime-genai generator that has read ``ids`` and runs greedily to ``length`` tokens (the end
-    token held back until then, as ``_greedy`` does), with the adapter active when ``adapters`` is given."""
-    params = og.GeneratorParams(model)
-    params.set_search_options(max_length=length, min_length=length, do_sample=False)
-    generator = og.Generator(model, params)
-    if adapters is not None:
-        generator.set_active_adapter(adapters, "adapter")
-    generator.append_tokens(ids)
-    return generator
-
-
-def judge(figures: dict, dtype: str, tolerance: float | None = None) -> dict:
-    """The manifest's ``parity``: ``figures`` with the dtype's bounds (``OPTIMIZED_TOLERANCE``; ``tolerance``
-    replaces the default, and for int4 the top-1 floor with it); a UserError, nothing written, when a
-    figure is out of bounds."""
-    bound = OPTIMIZED_TOLERANCE[dtype] if tolerance is None else tolerance
-    if dtype != "int4":
-        parity = {"checked": True, **figures, "tolerance": bound, "bounds": {"max_relative_error": bound}}
-        if figures["max_relative_error"] > bound:
-            raise UserError(
-                f"onnxruntime-genai differs from torch by {figures['max_relative_error']:.3g} (relative) on the "
-                f"built graph, over the tolerance {bound}; nothing written"
-            )
-        return parity
-    bounds = {"perplexity_increase": bound}
-    if tolerance is None:
-        bounds["top1_agreement"] = INT4_MIN_TOP1
-    parity = {"checked": True, **figures, "tolerance": bound, "bounds": bounds}
-    increase, top1 = figures["perplexity_increase"], figures["top1_agreement"]
-    if increase > bound or top1 < bounds.get("top1_agreement", 0.0):
-        floor = f" (at least {bounds['top1_agreement']:.0%})" if "top1_agreement" in bounds else ""
-        where = "the check text" if figures["scored_on"] == "text" else figures["scored_on"]
-        raise UserError(
-            f"the int4 graph's perplexity on {where} is {figures['perplexity']:.3g}, "
-            f"torch's {figures['reference_perplexity']:.3g} (+{increase:.0%}, at most +{bound:.0%}), and its "
-            f"next token is torch's at {top1:.0%} of positions{floor}; nothing written "
-            "(--int4-head, --int4-sensitive, --int4-block-size or --tolerance change that)"
-        )
-    return parity
-
-
-def _greedy(model: torch.nn.Module, ids: list[int], new: int) -> list[int]:
-    """Plain argmax decoding in torch, no logits processors (``generate`` applies the generation
-    config's, which onnxruntime-genai's search options do not mirror); EOS is suppressed as
-    onnxruntime-genai's ``min_length`` does."""
-    eos = set(eos_token_ids(model))
-    sequence, out = list(ids), []
-    for _ in range(new):
-        logits = model(torch.tensor([sequence])).logits[0, -1]
-        if eos:
-            logits[list(eos)] = -float("inf")
-        token = int(logits.argmax())
-        sequence.append(token)
-        out.append(token)
-    return out

@@ -108,7 +108,7 @@ def node_attributes(graph_dir, op_type: str) -> dict[str, dict]:
 
 
 def test_int4_is_held_to_perplexity_and_top1_and_records_its_settings(built, int4_graph, monkeypatch, capsys):
-    from adalora_export.converters.onnx import optimized
+    from adalora_export.converters.onnx import quality
 
     _, adapter_dir, _, tmp = built
     manifest = json.loads((int4_graph / "onnx_manifest.json").read_text())
@@ -135,7 +135,7 @@ def test_int4_is_held_to_perplexity_and_top1_and_records_its_settings(built, int
 
     # Out of bounds nothing is written, with one line saying why; an explicit --tolerance is the user's bound.
     argv = ["export", str(adapter_dir), "--onnx", "--merge", "--optimized", "--dtype", "int4"]
-    monkeypatch.setattr(optimized, "INT4_MIN_TOP1", 0.999)
+    monkeypatch.setattr(quality, "INT4_MIN_TOP1", 0.999)
     capsys.readouterr()
     assert run_cli(*argv, "-o", tmp / "int4_refused") == 2
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]  # past the bars

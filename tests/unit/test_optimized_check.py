@@ -1,5 +1,5 @@
 """The optimized export's check and int4 settings, without building a graph: what the check scores
-(``quality.check_sequences``), how its figures are judged per dtype (``optimized.judge``), and how our
+(``quality.check_sequences``), how its figures are judged per dtype (``quality.judge``), and how our
 int4 settings become the builder's options (``int4_settings``, ``_builder_options``)."""
 
 from __future__ import annotations
@@ -9,8 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from adalora_export.converters.onnx import optimized, quality
-from adalora_export.converters.onnx.optimized import _builder_options, int4_settings, judge
+from adalora_export.converters.onnx import quality
+from adalora_export.converters.onnx.optimized import _builder_options, int4_settings
+from adalora_export.converters.onnx.quality import judge
 from adalora_export.errors import UserError
 
 
@@ -125,4 +126,4 @@ def test_text_score_figures():
     assert result["reference_perplexity"] == pytest.approx(1 / 0.8, rel=1e-5)
     assert result["perplexity"] == pytest.approx(np.exp(-(np.log(0.8) + np.log(0.1)) / 2), rel=1e-5)
     assert result["perplexity_increase"] == pytest.approx(result["perplexity"] / result["reference_perplexity"] - 1)
-    assert optimized.OPTIMIZED_TOLERANCE["int4"] == 0.2 and optimized.INT4_MIN_TOP1 == 0.6
+    assert quality.OPTIMIZED_TOLERANCE["int4"] == 0.2 and quality.INT4_MIN_TOP1 == 0.6
