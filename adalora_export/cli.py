@@ -92,11 +92,17 @@ def train(ctx: click.Context, resume: bool, overwrite: bool, **options) -> None:
 @click.option("--output", type=click.Path(), default=None, help="Where to leave the demo's files (default: temp).")
 @click.option("--steps", type=int, default=None, help="Optimizer steps (default: the demo's own).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing --output directory.")
-def demo(output: str | None, steps: int | None, overwrite: bool) -> None:
-    """The whole path on a built-in tiny model and data set (no downloads)."""
+@click.option("--real", is_flag=True, help="The real demo: SmolLM2-135M-Instruct on Debian's packages (~10 min).")
+@click.option(
+    "--packages", type=click.Path(), default=None, help="--real: a Packages file (default: apt-cache dumpavail)."
+)
+def demo(output: str | None, steps: int | None, overwrite: bool, real: bool, packages: str | None) -> None:
+    """The whole path on a built-in tiny model and data set (no downloads); --real on a real LLM."""
     from .demo import run_demo
 
-    run_demo(output=output, steps=steps, overwrite=overwrite)
+    if packages is not None and not real:
+        raise UserError("--packages applies to the real demo only: add --real")
+    run_demo(output=output, steps=steps, overwrite=overwrite, real=real, packages=packages)
 
 
 @cli.command()

@@ -51,19 +51,32 @@ def write_jsonl(path: Path, records: list[dict]) -> Path:
     return path
 
 
-def run_demo(output: str | None = None, steps: int | None = None, overwrite: bool = False) -> dict:
-    """Run the whole path and print a summary; returns the figures."""
+def run_demo(
+    output: str | None = None,
+    steps: int | None = None,
+    overwrite: bool = False,
+    real: bool = False,
+    packages: str | None = None,
+) -> dict:
+    """Run the whole path and print a summary; returns the figures. ``real``: the real demo instead
+    (``real_demo``: SmolLM2 on Debian's package descriptions, from ``packages`` or apt's lists)."""
+    root = _demo_root(output, overwrite)
+    if real:
+        from .real_demo import run_real_demo
+
+        return run_real_demo(root, steps, packages)
     # The toy model's matrices are far too small to gain from several threads, and on a busy machine
     # the threads' waiting costs several times the work (measured: 40 s with one thread, 310 s with two).
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        return _run_demo(output, steps, overwrite)
+        return _run_demo(root, steps)
     finally:
         torch.set_num_threads(threads)
 
 
-DEMO_ENTRIES = ("base", "data", "merged", "onnx", "run")  # what a demo leaves in its --output (all, or some)
+# What a demo leaves in its --output (all, or some): the toy demo's, then the real demo's.
+DEMO_ENTRIES = ("base", "data", "merged", "onnx", "run", "int4", "summary.json")
 
 
 def _demo_root(output: str | None, overwrite: bool) -> Path:
@@ -82,9 +95,8 @@ def _demo_root(output: str | None, overwrite: bool) -> Path:
     return root
 
 
-def _run_demo(output: str | None, steps: int | None, overwrite: bool) -> dict:
+def _run_demo(root: Path, steps: int | None) -> dict:
     started = time.time()
-    root = _demo_root(output, overwrite)
     base, result = _train_demo(root, steps)
     adapter_dir = root / "run" / "adapter"
     adapter = load_adapter(adapter_dir)

@@ -1,9 +1,10 @@
 """Generation speed on this machine: torch eager against our graphs and onnxruntime-genai's, side by side.
 
-    python bench/bench_genai.py [--quick] [--threads N]
+    python bench/bench_genai.py [--quick] [--threads N] [--model smollm2 [--adapter DIR]] [--rounds N]
 
-One Llama-style model (hidden 512, 8 layers, random weights) with an AdaLoRA adapter of
-heterogeneous per-layer ranks (zeros included), greedy decoding of ``--new`` tokens after a
+One Llama-style model (hidden 512, 8 layers, random weights; or ``--model smollm2``, the pretrained
+SmolLM2-135M-Instruct) with an AdaLoRA adapter of heterogeneous per-layer ranks (zeros included;
+``--adapter`` takes a trained one), greedy decoding of ``--new`` tokens after a
 ``--prompt``-token prompt, at batch 1 and 8. Routes:
 
 - torch eager, merged (the adapter merged into the weights), with transformers' KV cache;
@@ -45,8 +46,8 @@ from adalora_export.serving import OnnxServer  # noqa: E402
 from adalora_export.toy import toy_config, toy_tokenizer  # noqa: E402
 
 
-def build_model(root: Path, hidden: int, layers: int) -> tuple[Path, Path]:
-    """A random Llama base directory and an adapter at ranks 0..8 on every projection."""
+def toy_base(root: Path, hidden: int, layers: int) -> Path:
+    """A random Llama base directory (a word-level vocabulary of 4,000)."""
     from transformers import LlamaForCausalLM
 
     tokenizer = toy_tokenizer([f"w{i}" for i in range(4000)])
@@ -54,9 +55,14 @@ def build_model(root: Path, hidden: int, layers: int) -> tuple[Path, Path]:
     config.num_attention_heads = hidden // 64
     config.num_key_value_heads = max(1, hidden // 128)
     torch.manual_seed(0)
-    model = LlamaForCausalLM(config).eval()
-    model.save_pretrained(root / "base")
+    LlamaForCausalLM(config).eval().save_pretrained(root / "base")
     tokenizer.save_pretrained(root / "base")
+    return root / "base"
+
+
+def random_adapter(base: Path, root: Path) -> Path:
+    """An adapter at ranks 0..8 (a fixed cycle) on every projection of ``base``, saved under ``root``."""
+    model = load_pretrained(base, dtype=torch.float32)
     targets = DEFAULT_TARGET_MODULES["llama"]
     g = torch.Generator().manual_seed(1)
     modules = {}
@@ -68,8 +74,8 @@ def build_model(root: Path, hidden: int, layers: int) -> tuple[Path, Path]:
             torch.randn(r, 1, generator=g),
             torch.randn(out_f, r, generator=g) * 0.02,
         )
-    adapter = CompactAdapter(AdaLoraConfig(init_r=8, target_r=4, target_modules=targets), modules, str(root / "base"))
-    return root / "base", save_adapter(adapter, root / "adapter")
+    adapter = CompactAdapter(AdaLoraConfig(init_r=8, target_r=4, target_modules=targets), modules, str(base))
+    return save_adapter(adapter, root / "adapter")
 
 
 def prompts(batch: int, length: int) -> list[list[int]]:
@@ -140,17 +146,27 @@ def main() -> None:
     parser.add_argument("--prompt", type=int, default=32)
     parser.add_argument("--new", type=int, default=32)
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--model", choices=["toy", "smollm2"], default="toy",
+                        help="toy: a random Llama (hidden 512, 8 layers); smollm2: SmolLM2-135M-Instruct")  # fmt: skip
+    parser.add_argument("--adapter", help="an adapter of --model to run (default: random, ranks 0..8)")
+    parser.add_argument("--rounds", type=int, default=None, help="timed rounds (default: 5, --quick 1)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     hidden, layers, rounds = (256, 4, 1) if args.quick else (512, 8, 5)
+    rounds = args.rounds or rounds
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        base, adapter_dir = build_model(root, hidden, layers)
+        if args.model == "smollm2":
+            from adalora_export.pretrained import smollm2_dir
+
+            base = smollm2_dir()
+        else:
+            base = toy_base(root, hidden, layers)
         from adalora_export.sources import load_adapter
 
-        adapter = load_adapter(adapter_dir)
-        print(f"building graphs for hidden {hidden}, {layers} layers ...", file=sys.stderr)
+        adapter = load_adapter(args.adapter or random_adapter(base, root))
+        print(f"building graphs of {base.name} ...", file=sys.stderr)
         export_onnx(adapter, base, root / "merged", kind=OnnxKind.MERGED, with_past=True)
         export_onnx(adapter, base, root / "inputs", kind=OnnxKind.ADAPTER_INPUTS, with_past=True)
         for dtype in ("fp32", "int4"):
@@ -184,7 +200,8 @@ def main() -> None:
             "builder int4, onnxruntime-genai": lambda b, n: genai_steps(genai["opt_int4"], b, n),
             "builder int4 + adapter inputs, adapter active, OnnxServer": servers["optai_int4"].generate_batch_ids,
         }
-        print(f"threads: torch {torch.get_num_threads()}; prompt {args.prompt}, {args.new} new tokens, greedy\n")
+        threads = torch.get_num_threads()
+        print(f"{base.name}; threads: torch {threads}; prompt {args.prompt}, {args.new} new tokens, greedy\n")
         print("| batch | route | prefill | decode tok/s | decode vs torch |")
         print("|---|---|---|---|---|")
         for batch_size in (1, 8):

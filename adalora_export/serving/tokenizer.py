@@ -210,3 +210,26 @@ class Tokenizer:
             return rendered[0]
         ids = self.backend.encode(rendered[0], add_special_tokens=False).ids
         return {"input_ids": ids} if return_dict else ids
+
+
+def end_of_turn_ids(tokenizer) -> set[int]:
+    """The special token a chat template writes right after an assistant's message: a conversation
+    ending in one is rendered and the first token after the message read (empty when it is not special)."""
+    if not tokenizer.chat_template:
+        return set()
+    marker = "adalora-export-end-of-turn-probe"
+    conversation = [{"role": "user", "content": "hello"}, {"role": "assistant", "content": marker}]
+    try:
+        text = tokenizer.apply_chat_template(conversation, tokenize=False)
+    except Exception:  # a template may refuse a conversation that ends with the assistant: no probe then
+        return set()
+    at = text.rfind(marker)
+    if at < 0:
+        return set()
+    special = set(tokenizer.all_special_ids) | set(tokenizer.added_tokens_decoder)
+    for token in tokenizer(text[at + len(marker) :], add_special_tokens=False)["input_ids"]:
+        if token in special:
+            return {int(token)}
+        if tokenizer.decode([token]).strip():  # text before any special token: the template writes none
+            return set()
+    return set()
