@@ -26,6 +26,7 @@ from .debian import (
     section_chats,
     split_by_section,
 )
+from .hf import load_base, load_tokenizer
 from .pretrained import smollm2_dir
 from .serving import OnnxServer
 from .sources import load_adapter
@@ -53,7 +54,7 @@ def run_real_demo(root: Path, steps: int | None = None, packages: str | None = N
     shown = question[0]["content"].replace("\n", "\n  ")
     print(f"\na held-out question (expected answer: games):\n  {shown}")
 
-    tokenizer, model = _torch_model(base)
+    tokenizer, model = load_tokenizer(base), load_base(base)
     print("base model, before (torch):")
     _stream_torch(model, tokenizer, question)
     figures = {"base": _scores(model, tokenizer, test)}
@@ -87,12 +88,6 @@ def run_real_demo(root: Path, steps: int | None = None, packages: str | None = N
     (root / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     _print_summary(summary, len(test))
     return summary
-
-
-def _torch_model(base: Path):
-    from .hf import load_base, load_tokenizer
-
-    return load_tokenizer(base), load_base(base)
 
 
 def _stream_torch(model, tokenizer, messages: list[dict]) -> None:

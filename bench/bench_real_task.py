@@ -22,7 +22,10 @@ fresh classification head, trained in full by every method. Methods, all on the 
   triplets or, with ``+params``, in parameters, and with ``+head`` the head at 3x the rate;
 - peft-adalora: PEFT's AdaLoRA with the same init_r, target_r and schedule as ours-paper;
 - peft-lora-r2/r4/r8: PEFT LoRA, lora_alpha = 2r;
-- head-only: the encoder frozen.
+- head-only: the encoder frozen;
+- search-lora: AdaLoRA as a rank search, then LoRA at the ranks it found: the default run at 1e-2
+  (its rate in the table below), then a fresh PEFT LoRA with those ranks per matrix (rank 0: not
+  adapted; lora_alpha = 2r each) trained from scratch on the same schedule: twice the steps.
 
 Every method gets the same data order (the product's batching), AdamW, linear warm-up (6%) and
 decay, clipping at 1.0. Reported per method: test accuracy and macro-F1 (mean and std over seeds),
@@ -69,6 +72,7 @@ SECTIONS, SPLIT = DATASETS["sections8"]  # the one in use (main sets it from --d
 DATA = Path(__file__).resolve().parent / "_data"
 TARGETS = DEFAULT_TARGET_MODULES["bert"]
 BATCH, MAX_LENGTH, INIT_R, TARGET_R = 16, 64, 8, 4
+SEARCH_WITH, SEARCH_LR = "ours-recommended+params", 1e-2  # search-lora's rank search: the default, at its rate
 
 
 def minilm_dir() -> Path:
@@ -144,7 +148,7 @@ def run_ours(method: str, lr: float, seed: int, epochs: int, files: dict, work: 
     model = adapter.apply_to(adapter.load_base(minilm_dir()))
     trainable = INIT_R * sum(m.in_features + m.out_features + 1 for m in adapter.modules.values())
     head = sum(v.numel() for v in adapter.extra_weights.values())
-    return model, adapter.num_parameters(), trainable + head
+    return model, adapter.num_parameters(), trainable + head, {p: m.rank for p, m in adapter.modules.items()}
 
 
 def _steps(epochs: int) -> int:
@@ -159,8 +163,9 @@ def _tfinal(epochs: int) -> int:
     return round(0.3 * _steps(epochs))
 
 
-def run_peft(method: str, lr: float, seed: int, epochs: int, files: dict) -> tuple:
-    """PEFT LoRA / AdaLoRA / the head alone, with the product's batching and schedule."""
+def run_peft(method: str, lr: float, seed: int, epochs: int, files: dict, ranks: dict | None = None) -> tuple:
+    """PEFT LoRA / AdaLoRA / the head alone, with the product's batching and schedule; ``ranks`` (module
+    path -> rank): LoRA at those ranks (rank 0: not adapted), for ``search-lora``."""
     import peft
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
@@ -178,6 +183,12 @@ def run_peft(method: str, lr: float, seed: int, epochs: int, files: dict) -> tup
         for name, p in model.named_parameters():
             p.requires_grad_(name.startswith("classifier"))
         final = 0
+    elif ranks is not None:
+        kept = {path: r for path, r in ranks.items() if r > 0}
+        cfg = peft.LoraConfig(task_type="SEQ_CLS", r=max(kept.values()), lora_alpha=2 * max(kept.values()),
+                              target_modules=list(kept), rank_pattern={p: r for p, r in kept.items()},
+                              alpha_pattern={p: 2 * r for p, r in kept.items()})  # fmt: skip
+        model = peft.get_peft_model(base, cfg)
     elif method == "peft-adalora":
         cfg = peft.AdaLoraConfig(task_type="SEQ_CLS", init_r=INIT_R, target_r=TARGET_R, tinit=_tinit(epochs),
                                  tfinal=_tfinal(epochs), deltaT=1, total_step=total, lora_alpha=8,
@@ -224,7 +235,10 @@ def evaluate(method, lr, seed, epochs, files, work, split) -> dict:
 
     started = time.time()
     if method.startswith("ours-"):
-        model, final, trainable = run_ours(method, lr, seed, epochs, files, work)
+        model, final, trainable, _ = run_ours(method, lr, seed, epochs, files, work)
+    elif method == "search-lora":  # the default's ranks (at its own rate), then a fresh LoRA at them
+        _, _, _, ranks = run_ours(SEARCH_WITH, SEARCH_LR, seed, epochs, files, work)
+        model, final, trainable = run_peft(method, lr, seed, epochs, files, ranks)
     else:
         model, final, trainable = run_peft(method, lr, seed, epochs, files)
     seconds = time.time() - started
