@@ -60,11 +60,15 @@ def run_demo(
 ) -> dict:
     """Run the whole path and print a summary; returns the figures. ``real``: the real demo instead
     (``real_demo``: SmolLM2 on Debian's package descriptions, from ``packages`` or apt's lists)."""
-    root = _demo_root(output, overwrite)
     if real:
-        from .real_demo import run_real_demo
+        from .real_demo import real_demo_data, run_real_demo
 
-        return run_real_demo(root, steps, packages)
+        inputs = {"--packages": packages}
+        if output is not None:
+            check_output_path(output, overwrite, inputs=inputs)  # before the data is read
+        splits = real_demo_data(packages)  # read and split before anything is written
+        return run_real_demo(_demo_root(output, overwrite, inputs), splits, steps)
+    root = _demo_root(output, overwrite)
     # The toy model's matrices are far too small to gain from several threads, and on a busy machine
     # the threads' waiting costs several times the work (measured: 40 s with one thread, 310 s with two).
     threads = torch.get_num_threads()
@@ -79,10 +83,10 @@ def run_demo(
 DEMO_ENTRIES = ("base", "data", "merged", "onnx", "run", "int4", "summary.json")
 
 
-def _demo_root(output: str | None, overwrite: bool) -> Path:
+def _demo_root(output: str | None, overwrite: bool, inputs: dict | None = None) -> Path:
     if output is None:
         return Path(tempfile.mkdtemp(prefix="adalora-demo-"))
-    check_output_path(output, overwrite, inputs={})  # the demo reads nothing of the user's
+    check_output_path(output, overwrite, inputs=inputs or {})  # the toy demo reads nothing of the user's
     root = Path(output)
     if root.exists():
         # --overwrite replaces an earlier demo only: anything else is the user's, and rmtree is not undoable.

@@ -36,11 +36,17 @@ SPLIT = {"train": 60, "valid": 4, "test": 8}  # per section: 480 / 32 / 64 recor
 STEPS, BATCH, LR = 60, 8, 5e-3
 
 
-def run_real_demo(root: Path, steps: int | None = None, packages: str | None = None) -> dict:
-    """The whole real path under ``root`` (an empty directory); returns the figures it prints."""
+def real_demo_data(packages: str | None = None) -> dict[str, list]:
+    """The demo's train / valid / test packages from a Packages file (default: apt's lists); a UserError,
+    before anything is written, when there are too few."""
+    return split_by_section(read_packages(package_index(packages)), CHAT_SECTIONS, SPLIT)
+
+
+def run_real_demo(root: Path, splits: dict[str, list], steps: int | None = None) -> dict:
+    """The whole real path under ``root`` (an empty directory) on ``real_demo_data``'s splits; returns the
+    figures it prints."""
     started = time.time()
     base = smollm2_dir()
-    splits = split_by_section(read_packages(package_index(packages)), CHAT_SECTIONS, SPLIT)
     (root / "data").mkdir()
     files = {name: root / "data" / f"{name}.jsonl" for name in splits}
     for name, rows in splits.items():

@@ -45,3 +45,14 @@ def test_real_demo_short_run(tmp_path, capsys):
 def test_packages_without_real_is_exit_2(tmp_path, capsys):
     assert run_cli("demo", "--packages", tmp_path / "Packages") == 2
     assert "--packages applies to the real demo only" in capsys.readouterr().err
+
+
+def test_real_demo_refuses_before_writing(tmp_path, capsys):
+    """A Packages file with too few packages, and an --output over the Packages file: exit 2, nothing written."""
+    thin = tmp_path / "Packages"
+    thin.write_text("Package: tuxracer\nSection: games\nDescription: Tux races down snowy slopes, a 3D game\n")
+    out = tmp_path / "demo"
+    assert run_cli("demo", "--real", "--output", out, "--packages", thin) == 2
+    assert "too few package descriptions" in capsys.readouterr().err and not out.exists()
+    assert run_cli("demo", "--real", "--output", tmp_path, "--overwrite", "--packages", thin) == 2
+    assert thin.is_file() and "--packages" in capsys.readouterr().err
