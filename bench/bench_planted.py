@@ -33,6 +33,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from stats import format_difference
 from torch import nn
 
 from adalora_export import (
@@ -453,6 +454,22 @@ def print_tables(results) -> None:
             print(f"| {method} | {m['lr']:g} | {fmt(rel, 4)} | {statistics.median(rel) / oracle:.2f} | "
                   f"{fmt([s['spearman'] for s in runs])} | {fmt([s['zero_share'] for s in runs])} | "
                   f"{runs[0]['params']:,} |")  # fmt: skip
+        print_paired(block["methods"], "ours-recommended")
+
+
+def print_paired(methods: dict, reference: str) -> None:
+    """``reference`` minus each method on eval MSE / base, paired by seed (runs are in seed order), 95% interval."""
+    if reference not in methods or len(methods[reference]["runs"]) < 2:
+        return
+    mine = [s["rel_mse"] for s in methods[reference]["runs"]]
+    print(f"\n{reference} minus each method, eval MSE / base paired by seed (mean [95% interval]; * excludes 0; "
+          "lower is better)\n")  # fmt: skip
+    print("| against | eval MSE / base |")
+    print("|---|---|")
+    for method, m in methods.items():
+        theirs = [s["rel_mse"] for s in m["runs"]]
+        if method != reference and len(theirs) == len(mine):
+            print(f"| {method} | {format_difference(mine, theirs, 4)} |")
 
 
 def plot(results, path: Path) -> None:
