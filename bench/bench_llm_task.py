@@ -226,6 +226,8 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="1 seed, 6 steps, 16 test records")
     parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "_out" / "llm_task.json"))
     args = parser.parse_args()
+    methods = args.methods.split(",")
+    given = parse_rates(parser, args.lr, methods)  # before any work: a typo costs no model runs
     seeds, steps = (1, 6) if args.quick else (args.seeds, args.steps)
     torch.set_num_threads(2)
     with tempfile.TemporaryDirectory() as tmp:
@@ -235,9 +237,8 @@ def main() -> None:
         base = score_answers(load_base(smollm2_dir()), load_tokenizer(smollm2_dir()), test)
         rows = [{"method": "base", "seed": None, "final_params": 0, "nll": base["nll"],
                  "exact_match": base["exact_match"], "named_match": base["named_match"]}]  # fmt: skip
-        graphs, methods = [], args.methods.split(",")
+        graphs = []
         valid = records(files["valid"])
-        given = {m: float(r) for m, r in (item.split("=", 1) for item in args.lr)}
         lrs = {m: given.get(m, LR_GRID[family(m)][0]) for m in methods}
         if not args.quick:
             for m in (m for m in methods if m not in given):
@@ -256,6 +257,20 @@ def main() -> None:
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"rows": rows, "graphs": graphs}, indent=1))
     print_tables(rows, graphs, seeds, steps, len(test))
+
+
+def parse_rates(parser: argparse.ArgumentParser, items: list[str], methods: list[str]) -> dict[str, float]:
+    """``--lr METHOD=RATE`` items as {method: rate}; a malformed item or one naming no run method is a usage error."""
+    given = {}
+    for item in items:
+        method, _, rate = item.partition("=")
+        try:
+            given[method] = float(rate)
+        except ValueError:
+            parser.error(f"--lr expects METHOD=RATE, got {item!r}")
+        if method not in methods:
+            parser.error(f"--lr names {method!r}, which is not among --methods ({', '.join(methods)})")
+    return given
 
 
 def print_tables(rows: list[dict], graphs: list[dict], seeds: int, steps: int, tests: int) -> None:

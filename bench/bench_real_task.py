@@ -124,7 +124,8 @@ def scores(gold: list[int], pred: list[int]) -> tuple[float, float]:
 
 def ours_options(method: str, lr: float, epochs: int) -> dict:
     """``train`` options of an ``ours-...`` method: the schedule, then ``+params`` (budget in
-    parameters) and ``+head`` (the fresh head at 3x the adapters' rate)."""
+    parameters), ``+head`` (the fresh head at 3x the adapters' rate), ``+orth0`` (no orthogonal term)
+    and ``+tfNN`` (a final phase of NN% of the steps)."""
     schedule, *flags = method.removeprefix("ours-").split("+")
     final_share = [f for f in flags if f.startswith("tf") and f[2:].isdigit()]
     unknown = set(flags) - {"params", "head", "orth0", *final_share}
