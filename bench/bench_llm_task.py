@@ -23,6 +23,9 @@ the answer names; a fairer reading of a chatty base) of the greedy answer. Every
 the same data order, so methods are compared by paired differences with 95% intervals (``stats``).
 Each method's rate is the best of ``LR_GRID`` on a validation split (8 per section), seed 100, unless
 ``--lr METHOD=RATE`` gives it.
+The plot (``docs/llm_task.png``, ``--plot``) draws every method's answer NLL per seed, one line per seed
+across the methods, so a paired difference reads as the lines' slope; ``--replot OUT.json ...`` redraws it
+from saved runs (their rows pooled).
 ``--graphs`` exports ours (first seed) through onnxruntime-genai's builder as fp32 and int4 graphs and
 scores them on the same held-out set through ``OnnxServer`` (answers) and onnxruntime-genai (NLL).
 """
@@ -225,7 +228,13 @@ def main() -> None:
     parser.add_argument("--graphs", action="store_true", help="also serve ours (first seed) as fp32 and int4 graphs")
     parser.add_argument("--quick", action="store_true", help="1 seed, 6 steps, 16 test records")
     parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "_out" / "llm_task.json"))
+    parser.add_argument("--plot", default=str(Path(__file__).resolve().parents[1] / "docs" / "llm_task.png"))
+    parser.add_argument("--replot", nargs="+", metavar="OUT_JSON", help="only redraw the plot from saved --out files")
     args = parser.parse_args()
+    if args.replot:
+        rows = [r for f in args.replot for r in json.loads(Path(f).read_text())["rows"] if r["method"] != "base"]
+        plot(rows, Path(args.plot))
+        return
     methods = args.methods.split(",")
     given = parse_rates(parser, args.lr, methods)  # before any work: a typo costs no model runs
     seeds, steps = (1, 6) if args.quick else (args.seeds, args.steps)
@@ -257,6 +266,8 @@ def main() -> None:
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"rows": rows, "graphs": graphs}, indent=1))
     print_tables(rows, graphs, seeds, steps, len(test))
+    if seeds > 1:
+        plot([r for r in rows if r["method"] != "base"], Path(args.plot))
 
 
 def parse_rates(parser: argparse.ArgumentParser, items: list[str], methods: list[str]) -> dict[str, float]:
@@ -299,6 +310,31 @@ def print_tables(rows: list[dict], graphs: list[dict], seeds: int, steps: int, t
             nll = format_difference([a["nll"] for a, _ in pairs], [b["nll"] for _, b in pairs])
             em = format_difference([a["exact_match"] for a, _ in pairs], [b["exact_match"] for _, b in pairs])
             print(f"| {m} | {nll} | {em} |")
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    """Answer NLL per method (x) and seed (one line per seed, one marker per run): paired by seed, as the
+    tables compare them. Methods keep their order of appearance."""
+    from matplotlib.figure import Figure
+
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    fig = Figure(figsize=(7.5, 4.5))
+    ax = fig.add_subplot()
+    for seed in sorted({r["seed"] for r in rows}):
+        points = {r["method"]: r["nll"] for r in rows if r["seed"] == seed}
+        xs = [i for i, m in enumerate(methods) if m in points]
+        ax.plot(xs, [points[methods[i]] for i in xs], marker="o", alpha=0.7, label=f"seed {seed}")
+    for i, m in enumerate(methods):
+        ax.hlines(statistics.fmean(r["nll"] for r in rows if r["method"] == m), i - 0.2, i + 0.2, color="black")
+    ax.set_xticks(
+        range(len(methods)), [f"{m}\nlr {next(r['lr'] for r in rows if r['method'] == m):g}" for m in methods]
+    )
+    ax.set_ylabel("held-out answer NLL (lower is better)")
+    ax.set_title("SmolLM2-135M-Instruct, Debian sections: per seed (lines), mean (bars)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
 
 
 def _spread(values: list[float]) -> str:

@@ -6,7 +6,9 @@ base's MSE so that it starts near 1 like a language-model loss) and is evaluated
 At the same final budget (target_r x matrices = the planted ranks' sum) and the same steps we compare
 our AdaLoRA (paper defaults), our AdaLoRA with its documented options, PEFT's AdaLoRA (allocator
 called every step, orthogonal term added), LoRA at a uniform rank and LoRA at the planted ranks (the
-oracle). Learning rates are tuned per method on a separate seed.
+oracle). Learning rates are tuned per method on a separate seed. Behind ``--methods``: single
+options on the bench's schedule, and ``search-lora`` (AdaLoRA as a rank search, then a fresh LoRA at
+the ranks it kept: twice the steps, its seconds counted for both).
 
 Two planting variants: ``equal`` scales every planted direction to move the output about equally;
 ``plain`` scales every direction to half the weight's spectral norm.
@@ -214,6 +216,10 @@ def build_student(method: str, base: nn.Module, targets, ranks: dict[str, int], 
 
 
 def run(method, base, targets, ranks, data, steps, lr, seed, batch=16):
+    searched = 0.0
+    if METHODS[method]["kind"] == "search":  # the LoRA below then trains at the ranks the search kept
+        search = run(SEARCH_WITH, base, targets, ranks, data, steps, SEARCH_LR, seed, batch)
+        ranks, searched = search["ranks"], search["seconds"]
     train_ids, eval_ids, t_train, t_eval, norm = data
     torch.manual_seed(seed)
     model, after_step, extra_loss, ranks_fn = build_student(method, base, targets, ranks, steps)
@@ -236,7 +242,7 @@ def run(method, base, targets, ranks, data, steps, lr, seed, batch=16):
             allocated.get(n, 0) * (m.in_features + m.out_features + 1)
             for n, m in model.base_model.model.named_modules() if hasattr(m, "lora_E")
         )  # fmt: skip
-    return {"mse": mse, "ranks": allocated, "params": params, "seconds": time.perf_counter() - start}
+    return {"mse": mse, "ranks": allocated, "params": params, "seconds": searched + time.perf_counter() - start}
 
 
 # ----------------------------------------------------------------------------- metrics
@@ -284,7 +290,11 @@ EXTRA_METHODS = {  # behind --methods: single options on the bench's schedule, a
     "ours+": {"kind": "ours", "options": {"final_orth_reg_weight": 0.0}},
     "ours+params": {"kind": "ours", "options": {"budget_unit": "params"}},
     "ours-recommended-triplets": {"kind": "ours", "preset": "recommended", "options": {"budget_unit": "triplets"}},
+    # AdaLoRA as a rank search: the default at its rate (SEARCH_LR), then a fresh LoRA at the ranks it
+    # found, at this method's (LoRA) rate: twice the steps in all.
+    "search-lora": {"kind": "search"},
 }
+SEARCH_WITH, SEARCH_LR = "ours-recommended", 1e-2
 DEFAULT_METHODS = list(METHODS)
 METHODS.update(EXTRA_METHODS)
 
@@ -319,7 +329,7 @@ SETUPS = {
 
 
 def lr_grid(setup: BaseSetup, method: str) -> list[float]:
-    return setup.lr_grid["ada" if METHODS[method]["kind"] in ("ours", "peft") else "lora"]
+    return setup.lr_grid["ada" if METHODS[method]["kind"] in ("ours", "peft") else "lora"]  # search: LoRA's
 
 
 # ------------------------------------------------------------------------- the task, shared
