@@ -59,7 +59,7 @@ class RankAllocator:
     @property
     def final_step(self) -> int:
         """The step at which the rank pattern is fixed."""
-        return self.total_step - self.config.tfinal
+        return self.config.rank_fix_step(self.total_step)
 
     def budget_schedule(self, step: int) -> tuple[int, bool]:
         """(budget, mask now?) at optimizer step ``step``: warm-up, cubic decrease, final phase."""

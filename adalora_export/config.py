@@ -9,7 +9,9 @@ from typing import Any
 
 from .errors import UserError
 
-TRAIN_TYPES = ("adalora",)  # a fixed-rank baseline is adalora with target_r == init_r
+# adalora: init_r -> target_r by importance. lora: LoRA at target_r in the same SVD container (LoRA's start,
+# nothing allocated; ``AdaLoraConfig.__post_init__``). A fixed-rank SVD baseline is adalora with target_r == init_r.
+TRAIN_TYPES = ("adalora", "lora")
 PRESETS = ("paper", "recommended")
 BUDGET_UNITS = ("triplets", "params")
 # The paper's seed parameters: fields of AdaLoraConfig, of PEFT's AdaLoraConfig, and train's --adalora_<name>.
@@ -84,15 +86,21 @@ class AdaLoraConfig:
     budget_unit: str = "triplets"
 
     def __post_init__(self) -> None:
+        if self.train_type == "lora":
+            # LoRA in the SVD container: every matrix at target_r from the first step (so the scale is
+            # lora_alpha / r, LoRA's), no orthogonal term (LoRA has none; it would pull LoRA's Kaiming A
+            # to unit rows) and a triplet budget equal to the start, so nothing is ever masked; the
+            # allocator fixes the pattern at step 1 (``rank_fix_step``). BENCHMARKS.md §6.
+            self.init_r, self.tinit, self.tfinal, self.budget_unit = self.target_r, 0, 0, "triplets"
+            self.orth_reg_weight, self.final_orth_reg_weight = 0.0, 0.0
         self.validate()
 
     def validate(self) -> None:
         """Check every parameter that can be checked without knowing the run's length."""
         if self.train_type not in TRAIN_TYPES:
-            raise UserError(
-                f"unknown train_type {self.train_type!r}: expected 'adalora' "
-                "(for a fixed-rank baseline set adalora_target_r equal to adalora_init_r)"
-            )
+            raise UserError(f"unknown train_type {self.train_type!r}: expected one of {', '.join(TRAIN_TYPES)}")
+        if self.train_type == "lora" and (not isinstance(self.target_r, int) or self.target_r < 1):
+            raise UserError(f"train_type lora needs adalora_target_r (its rank) >= 1, got {self.target_r!r}")
         if not isinstance(self.init_r, int) or self.init_r < 1:
             raise UserError(f"adalora_init_r must be an integer >= 1, got {self.init_r!r}")
         if not isinstance(self.target_r, int) or self.target_r < 0:
@@ -118,11 +126,15 @@ class AdaLoraConfig:
         if self.total_step is not None:
             self.check_schedule(self.total_step)
 
+    def rank_fix_step(self, total_step: int) -> int:
+        """The optimizer step at which the rank pattern is fixed: total_step - tfinal, or 1 for LoRA."""
+        return 1 if self.train_type == "lora" else total_step - self.tfinal
+
     def check_schedule(self, total_step: int) -> None:
-        """Fail unless the schedule leaves a budget phase: tinit < total_step - tfinal."""
+        """Fail unless the schedule leaves a budget phase: tinit < total_step - tfinal (LoRA has none)."""
         if total_step < 1:
             raise UserError(f"total_step must be >= 1, got {total_step}")
-        if self.tinit >= total_step - self.tfinal:
+        if self.train_type != "lora" and self.tinit >= total_step - self.tfinal:
             raise UserError(
                 f"no budget phase: adalora_tinit ({self.tinit}) must be below total_step ({total_step}) "
                 f"- adalora_tfinal ({self.tfinal}); lower tinit/tfinal or train longer"

@@ -89,7 +89,12 @@ def inject_adapters(model: nn.Module, config: AdaLoraConfig, *, trainable: list[
         param.requires_grad_(False)
     for path in paths:
         layer = SVDLinear(
-            model.get_submodule(path), config.init_r, config.lora_alpha, config.init_r, config.lora_dropout
+            model.get_submodule(path),
+            config.init_r,
+            config.lora_alpha,
+            config.init_r,
+            config.lora_dropout,
+            lora_start=config.train_type == "lora",
         )
         replace_module(model, path, layer)
     for name, module in model.named_modules():

@@ -98,7 +98,9 @@ class TrainArgs:
     )
     train_type: str = option(
         "adalora",
-        "Must be adalora (a fixed-rank baseline: --adalora_target_r = --adalora_init_r).",
+        "adalora: init_r -> target_r by importance. lora: LoRA at rank --adalora_target_r (LoRA's start, nothing "
+        "pruned, no orthogonal term; the schedule options do not apply): ahead in short LLM fine-tunes "
+        "(BENCHMARKS.md §6).",
         choices=TRAIN_TYPES,
     )
     adalora_target_r: int = adalora_option("target_r", "Target average rank.")

@@ -171,7 +171,8 @@ def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(tmp_path, tiny_base
     "flags, message",
     [
         (["--adalora_tinit", "10", "--adalora-tfinal", "2"], "no budget phase"),
-        (["--train_type", "lora"], "Invalid value for '--train_type'"),
+        (["--train_type", "qlora"], "Invalid value for '--train_type'"),
+        (["--train_type", "lora", "--adalora_target_r", "0"], "train_type lora needs adalora_target_r"),
         (["--adalora_target_r", "20"], "must not exceed adalora_init_r"),
         (["--target_modules", "nothing_here"], "match no nn.Linear"),
         (["--batch_size", "64"], "fewer than one optimizer step"),
@@ -310,3 +311,39 @@ def test_help_says_what_the_final_orthogonal_weight_defaults_to(capsys):
     assert run_cli("train", "--help") == 0
     text = " ".join(capsys.readouterr().out.split())
     assert "Orthogonal weight once ranks are frozen (default: the preset's: recommended 0" in text
+
+
+def test_train_type_lora_is_lora_at_target_r(tmp_path, llama_base, train_data, run):
+    """--train_type lora: LoRA at target_r in the SVD container. It starts like PEFT's LoRA (B = 0, A
+    Kaiming-uniform, E = 1: the model starts as the base), keeps every matrix at target_r (init_r is not
+    used, the scale is alpha / r), never masks and has no orthogonal term; the adapter is an adapter."""
+    from adalora_export import AdaLoraConfig, adapted_layers, inject_adapters
+    from adalora_export.hf import load_base
+
+    config = AdaLoraConfig(train_type="lora", init_r=12, target_r=3, tinit=5, orth_reg_weight=0.5)
+    assert (config.init_r, config.tinit, config.orth_reg_weight, config.budget_unit) == (3, 0, 0.0, "triplets")
+    model = load_base(llama_base)
+    ids = torch.randint(0, model.config.vocab_size, (2, 8))
+    with torch.no_grad():
+        before = model(ids).logits
+        inject_adapters(model, config)
+        torch.testing.assert_close(model(ids).logits, before)  # B = 0: the base, exactly
+    for _, layer in adapted_layers(model):
+        a, e, b = (p.detach() for p in (layer.lora_A, layer.lora_E, layer.lora_B))
+        assert layer.rank == 3 and float(b.abs().max()) == 0.0 and bool((e == 1).all())
+        bound = 1 / layer.in_features**0.5  # kaiming_uniform_(a=sqrt(5)) on (r, in), as nn.Linear and PEFT
+        assert bound / 2 < float(a.abs().max()) <= bound
+    with pytest.raises(UserError, match="train_type lora needs adalora_target_r"):
+        AdaLoraConfig(train_type="lora", target_r=0)
+
+    out = tmp_path / "run"
+    run(out, llama_base, train_data, train_type="lora", adalora_init_r=12, adalora_target_r=3, save_steps=0)
+    adapter = load_adapter(out / "adapter")
+    assert {m.rank for m in adapter.modules.values()} == {3}
+    assert adapter.config.train_type == "lora" and adapter.scale == pytest.approx(
+        adapter.config.lora_alpha / 3, rel=1e-4
+    )
+    records = [r for r in metrics_without_times(out) if "budget" in r]
+    assert all(r["final"] for r in records)  # the pattern is fixed from step 1: nothing is ever masked
+    assert {r["orth_weight"] for r in records} == {0.0}
+    assert all(float(m.B.abs().max()) > 0 for m in adapter.modules.values())  # every matrix trained

@@ -190,7 +190,10 @@ def _(env, tmp):
 def _(env, tmp):
     argv = train_argv(env, tmp / "run", "--train_type", "qlora")
     return Case(
-        argv, tmp / "run", [env.base, env.data], ["Invalid value for '--train_type'", "'qlora' is not 'adalora'"]
+        argv,
+        tmp / "run",
+        [env.base, env.data],
+        ["Invalid value for '--train_type'", "'qlora' is not one of 'adalora', 'lora'"],
     )
 
 
