@@ -15,6 +15,7 @@ projections of the 30 layers (210 matrices). Methods:
 - ``ours``: ``adalora_export.training.train`` at its defaults (preset ``recommended``, budget in
   parameters), init_r 8 -> target_r 4: the final adapter is LoRA r=4's size (1,221,120 parameters);
 - ``peft-lora-rN``: PEFT LoRA, lora_alpha = 2r; r=4 is the same final size as ours;
+- ``ours-lora-rN``: ``train`` with ``--train_type lora`` at rank N, lora_alpha = 2r (PEFT LoRA's scale);
 - ``peft-adalora``: PEFT's AdaLoRA, init_r 8 -> target_r 4, tinit 10%, tfinal 30%, deltaT 1.
 
 Figures on the held-out set: per-token NLL of the answer and its end-of-turn token (what training
@@ -72,6 +73,7 @@ BATCH, MAX_LENGTH, INIT_R, TARGET_R, WARMUP = 8, 128, 8, 4, 0.06
 # validation, seed 100 (BENCHMARKS.md §6): ours 5e-3 0.324, 1e-2 0.288, 2e-2 0.266 (4e-2 loses on test);
 # LoRA r=4 1e-3 0.304, 3e-3 0.234, 6e-3 0.328, 1e-2 0.304; PEFT AdaLoRA 5e-3 / 1e-2 / 2e-2 in §6.
 LR_GRID = {"ours": [1e-2, 2e-2], "peft-adalora": [1e-2, 2e-2], "peft-lora": [1e-3, 3e-3, 6e-3, 1e-2]}
+LR_GRID["ours-lora"] = LR_GRID["peft-lora"]
 TUNING_SEED = 100
 
 
@@ -91,11 +93,15 @@ def records(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
-def run_ours(work: Path, files: dict, seed: int, steps: int, lr: float):
+def run_ours(work: Path, files: dict, seed: int, steps: int, lr: float, lora_rank: int | None = None):
+    """The product's ``train``: AdaLoRA at its defaults, or (``lora_rank``) ``--train_type lora`` at that rank."""
     run = work / f"ours-{seed}"
+    shape = dict(adalora_init_r=INIT_R, adalora_target_r=TARGET_R)
+    if lora_rank:
+        shape = dict(train_type="lora", adalora_target_r=lora_rank, lora_alpha=2 * lora_rank)
     train(run, smollm2_dir(), files["train"], max_steps=steps, batch_size=BATCH, max_length=MAX_LENGTH, lr=lr,
-          seed=seed, save_steps=0, adalora_init_r=INIT_R, adalora_target_r=TARGET_R, target_modules=TARGETS,
-          warmup_ratio=WARMUP, progress=False, overwrite=True)  # fmt: skip
+          seed=seed, save_steps=0, target_modules=TARGETS, warmup_ratio=WARMUP, progress=False, overwrite=True,
+          **shape)  # fmt: skip
     adapter = load_adapter(run / "adapter")
     return adapter.apply_to(load_base(smollm2_dir())), adapter.num_parameters(), adapter
 
@@ -159,7 +165,7 @@ def _peft_final_params(model, method: str) -> int:
 
 
 def family(method: str) -> str:
-    return "peft-lora" if method.startswith("peft-lora") else method
+    return method.rsplit("-r", 1)[0] if "-lora-r" in method else method
 
 
 def evaluate(
@@ -168,6 +174,8 @@ def evaluate(
     started = time.time()
     if method == "ours":
         model, final, adapter = run_ours(work, files, seed, steps, lr)
+    elif method.startswith("ours-lora-r"):
+        model, final, adapter = run_ours(work, files, seed, steps, lr, lora_rank=int(method.rsplit("r", 1)[1]))
     else:
         model, final, adapter = run_peft(method, files, seed, steps, lr)
     seconds = time.time() - started
