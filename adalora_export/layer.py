@@ -86,19 +86,20 @@ class SVDLinear(nn.Module):
         self.lora_alpha = lora_alpha
         self.scale = lora_scale(lora_alpha, init_r)
         device = base_layer.weight.device
-        # A, B ~ N(0, 0.02) and E = 0: the adapted model starts equal to the base (PEFT's init).
         self.lora_A = nn.Parameter(torch.empty(rank, self.in_features, device=device))
         self.lora_E = nn.Parameter(torch.zeros(rank, 1, device=device))
         self.lora_B = nn.Parameter(torch.empty(self.out_features, rank, device=device))
-        nn.init.normal_(self.lora_A, mean=0.0, std=0.02)
-        nn.init.normal_(self.lora_B, mean=0.0, std=0.02)
+        # Either way the adapted model starts equal to the base.
         if lora_start:
             # LoRA's start (train_type lora): A Kaiming-uniform as PEFT's LoRA draws it, B = 0, E = 1, so B A
-            # moves from the first step where B diag(E) A with E = 0 and small A, B starts slowly
+            # moves from the first step, where B diag(E) A with E = 0 and small A, B starts slowly
             # (BENCHMARKS.md §6: at a fixed rank 4 on SmolLM2, 0.234 against 0.315 answer NLL).
             nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
             nn.init.zeros_(self.lora_B)
             nn.init.ones_(self.lora_E)
+        else:  # A, B ~ N(0, 0.02) and E = 0 (PEFT's AdaLoRA init)
+            nn.init.normal_(self.lora_A, mean=0.0, std=0.02)
+            nn.init.normal_(self.lora_B, mean=0.0, std=0.02)
         self.lora_dropout = nn.Dropout(lora_dropout) if lora_dropout > 0 else nn.Identity()
         self.merged = False
 
