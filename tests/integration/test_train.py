@@ -347,3 +347,16 @@ def test_train_type_lora_is_lora_at_target_r(tmp_path, llama_base, train_data, r
     assert all(r["final"] for r in records)  # the pattern is fixed from step 1: nothing is ever masked
     assert {r["orth_weight"] for r in records} == {0.0}
     assert all(float(m.B.abs().max()) > 0 for m in adapter.modules.values())  # every matrix trained
+
+
+def test_train_type_lora_trains_a_classifier(tmp_path, bert_base):
+    """--train_type lora on the encoder path: the adapters stay at r, the fresh head trains and travels."""
+    rng = random.Random(1)
+    rows = [{"text": " ".join(rng.choices(WORDS, k=5)), "label": rng.choice(["a", "b"])} for _ in range(32)]
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = train(tmp_path / "run", bert_base, data, train_type="lora", adalora_target_r=2, max_steps=4, batch_size=8,
+                lr=1e-2, save_steps=0, progress=False).run_dir  # fmt: skip
+    adapter = load_adapter(out / "adapter")
+    assert {m.rank for m in adapter.modules.values()} == {2} and adapter.config.train_type == "lora"
+    assert adapter.extra_weights and adapter.task_info.num_labels == 2  # the head, saved beside the adapter
