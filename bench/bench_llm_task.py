@@ -240,8 +240,7 @@ def main() -> None:
     parser.add_argument("--replot", nargs="+", metavar="OUT_JSON", help="only redraw the plot from saved --out files")
     args = parser.parse_args()
     if args.replot:
-        rows = [r for f in args.replot for r in json.loads(Path(f).read_text())["rows"] if r["method"] != "base"]
-        plot(rows, Path(args.plot))
+        plot(read_rows(parser, args.replot, Path(args.plot)), Path(args.plot))
         return
     methods = args.methods.split(",")
     given = parse_rates(parser, args.lr, methods)  # before any work: a typo costs no model runs
@@ -276,6 +275,20 @@ def main() -> None:
     print_tables(rows, graphs, seeds, steps, len(test))
     if seeds > 1:
         plot([r for r in rows if r["method"] != "base"], Path(args.plot))
+
+
+def read_rows(parser: argparse.ArgumentParser, files: list[str], plot_path: Path) -> list[dict]:
+    """The trained rows of saved ``--out`` files; an unreadable file, or a plot path that is one of them, is a
+    usage error (exit 2) before anything is written."""
+    rows = []
+    for name in files:
+        if Path(name).resolve() == plot_path.resolve():
+            parser.error(f"--plot {plot_path} would overwrite the --replot input {name}")
+        try:
+            rows += [r for r in json.loads(Path(name).read_text())["rows"] if r["method"] != "base"]
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            parser.error(f"--replot {name}: not a saved --out file ({type(exc).__name__}: {exc})")
+    return rows
 
 
 def parse_rates(parser: argparse.ArgumentParser, items: list[str], methods: list[str]) -> dict[str, float]:
@@ -342,7 +355,9 @@ def plot(rows: list[dict], path: Path) -> None:
     ax.legend(fontsize=7)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
+    partial = path.with_name(path.name + ".partial.png")  # renamed into place only when complete
+    fig.savefig(partial, dpi=120)
+    partial.replace(path)
 
 
 def _spread(values: list[float]) -> str:
